@@ -1,0 +1,19 @@
+"""navit_dense: dense prediction with native-resolution (NaViT) Vision Transformers."""
+
+from .data import PackedBatch, ResolutionSampler, TokenDrop, pack_images
+from .models import NaViT, NaViTConfig, NaViTOutput, SimpleFeaturePyramid, build_backbone, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NaViT",
+    "NaViTConfig",
+    "NaViTOutput",
+    "PackedBatch",
+    "ResolutionSampler",
+    "SimpleFeaturePyramid",
+    "TokenDrop",
+    "build_backbone",
+    "list_models",
+    "pack_images",
+]

@@ -1,0 +1,276 @@
+"""Packing variable-length images into fixed-capacity sequences (the part of NaViT no library does).
+
+Bin packing works on run lengths only (tokens per image, prefix slots included) and returns
+bins of image indices; :func:`pack_images` turns images into a :class:`PackedBatch`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .packed_batch import PackedBatch
+from .patchify import patchify
+from .resize import budget_grid, resize_to_grid
+from .token_drop import TokenDrop
+
+PACKING_ALGORITHMS = ("balanced", "best_fit_decreasing", "first_fit_decreasing", "first_fit", "next_fit")
+
+
+def _check_lengths(lengths: Sequence[int], capacity: int) -> None:
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(
+                f"image {i} needs {n} tokens but a sequence holds {capacity}: raise seq_len, lower "
+                f"max_tokens_per_image, or pass fit_to_seq_len=True to resize it down"
+            )
+
+
+def _first_fit(order: Sequence[int], lengths: Sequence[int], capacity: int, max_images: int | None) -> list[list[int]]:
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for b, room in enumerate(free):
+            if room >= lengths[i] and (max_images is None or len(bins[b]) < max_images):
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - lengths[i])
+    return bins
+
+
+def _best_fit(order: Sequence[int], lengths: Sequence[int], capacity: int, max_images: int | None) -> list[list[int]]:
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        best, best_room = -1, capacity + 1
+        for b, room in enumerate(free):
+            if lengths[i] <= room < best_room and (max_images is None or len(bins[b]) < max_images):
+                best, best_room = b, room
+        if best < 0:
+            bins.append([i])
+            free.append(capacity - lengths[i])
+        else:
+            bins[best].append(i)
+            free[best] -= lengths[i]
+    return bins
+
+
+def _next_fit(order: Sequence[int], lengths: Sequence[int], capacity: int, max_images: int | None) -> list[list[int]]:
+    bins: list[list[int]] = [[]]
+    room = capacity
+    for i in order:
+        if lengths[i] > room or (max_images is not None and len(bins[-1]) >= max_images):
+            bins.append([])
+            room = capacity
+        bins[-1].append(i)
+        room -= lengths[i]
+    return [b for b in bins if b]
+
+
+def _rebalance(bins: list[list[int]], lengths: Sequence[int], capacity: int, max_images: int | None) -> list[list[int]]:
+    """Spread images over the same number of bins so the fullest bin is as empty as possible
+    (longest-processing-time first); keeps the input bins if that would break a constraint."""
+    k = len(bins)
+    heap = [(0, b) for b in range(k)]
+    out: list[list[int]] = [[] for _ in range(k)]
+    for i in sorted((i for b in bins for i in b), key=lambda i: (-lengths[i], i)):
+        skipped = []
+        while heap:
+            load, b = heapq.heappop(heap)
+            if max_images is None or len(out[b]) < max_images:
+                break
+            skipped.append((load, b))
+        else:
+            return bins
+        for item in skipped:
+            heapq.heappush(heap, item)
+        out[b].append(i)
+        heapq.heappush(heap, (load + lengths[i], b))
+    if max(sum(lengths[i] for i in b) for b in out) > capacity:
+        return bins
+    return out
+
+
+def pack_lengths(
+    lengths: Sequence[int],
+    capacity: int,
+    algorithm: str = "balanced",
+    max_images_per_seq: int | None = None,
+) -> list[list[int]]:
+    """Assign item indices to bins of ``capacity`` tokens. Every index appears exactly once.
+
+    - ``first_fit``: the paper's greedy packing, in input order;
+    - ``first_fit_decreasing`` / ``best_fit_decreasing``: classic offline heuristics;
+    - ``next_fit``: the streaming baseline (close a bin as soon as an item does not fit);
+    - ``balanced`` (default): best-fit-decreasing decides the number of bins, then items are
+      spread across those bins so the fullest one is as short as possible; with a shrinkable
+      sequence length this leaves almost no padding.
+    Ties are broken by index, so the result is deterministic.
+    """
+    if algorithm not in PACKING_ALGORITHMS:
+        raise ValueError(f"unknown packing algorithm {algorithm!r}; choose one of {PACKING_ALGORITHMS}")
+    if max_images_per_seq is not None and max_images_per_seq < 1:
+        raise ValueError(f"max_images_per_seq must be >= 1, got {max_images_per_seq}")
+    _check_lengths(lengths, capacity)
+    if not lengths:
+        return []
+    natural = list(range(len(lengths)))
+    decreasing = sorted(natural, key=lambda i: (-lengths[i], i))
+    if algorithm == "first_fit":
+        return _first_fit(natural, lengths, capacity, max_images_per_seq)
+    if algorithm == "next_fit":
+        return _next_fit(natural, lengths, capacity, max_images_per_seq)
+    if algorithm == "first_fit_decreasing":
+        return _first_fit(decreasing, lengths, capacity, max_images_per_seq)
+    bins = _best_fit(decreasing, lengths, capacity, max_images_per_seq)
+    if algorithm == "balanced":
+        bins = _rebalance(bins, lengths, capacity, max_images_per_seq)
+    return bins
+
+
+def _as_image(image: torch.Tensor, index: int) -> torch.Tensor:
+    if not torch.is_tensor(image):
+        raise TypeError(f"images[{index}]: expected a float CHW torch.Tensor, got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"images[{index}]: expected a 3-channel CHW tensor, got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise TypeError(f"images[{index}]: expected a floating-point tensor, got {image.dtype} (convert and normalize first)")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"images[{index}]: zero-size image {tuple(image.shape)}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"images[{index}]: contains NaN or infinite pixel values")
+    return image
+
+
+def pack_images(
+    images: Sequence[torch.Tensor],
+    patch_size: int = 16,
+    max_tokens_per_image: int = 256,
+    seq_len: int = 1024,
+    *,
+    max_side: int | None = None,
+    max_tokens: Sequence[int] | None = None,
+    algorithm: str = "balanced",
+    max_images_per_seq: int | None = None,
+    fixed_seq_len: bool = False,
+    pad_multiple: int = 8,
+    num_prefix_tokens: int = 0,
+    token_drop: TokenDrop | None = None,
+    seed: int = 0,
+    allow_upscale: bool = True,
+    fit_to_seq_len: bool = False,
+) -> PackedBatch:
+    """Resize each image to its token budget, patchify it, and pack everything into sequences.
+
+    images: float CHW tensors of any height/width (3 channels, finite values).
+    max_tokens_per_image: patch budget per image (``max_tokens`` gives one per image, e.g.
+        from resolution sampling); ``max_side`` additionally caps the longer side in pixels.
+    seq_len: capacity of one sequence. Unless ``fixed_seq_len`` the returned sequence length is
+        shrunk to the longest packed sequence rounded up to ``pad_multiple`` (never above seq_len).
+    token_drop: sample a drop rate per image and pack only the kept tokens (training only).
+    seed: seeds token dropping; packing itself is deterministic.
+    fit_to_seq_len: shrink images whose budget exceeds one sequence instead of raising.
+    """
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if len(images) == 0:
+        raise ValueError("pack_images needs at least one image")
+    if max_tokens is not None and len(max_tokens) != len(images):
+        raise ValueError(f"max_tokens has {len(max_tokens)} entries for {len(images)} images")
+    capacity_for_patches = seq_len - num_prefix_tokens
+    if capacity_for_patches < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for patches after {num_prefix_tokens} prefix tokens")
+
+    rng = np.random.default_rng(seed)
+    grids, sizes, tokens, kept_idx, rates = [], [], [], [], []
+    for i, raw in enumerate(images):
+        image = _as_image(raw, i)
+        H, W = int(image.shape[1]), int(image.shape[2])
+        if min(H, W) < patch_size:
+            raise ValueError(f"images[{i}]: {H}x{W} is smaller than one {patch_size}x{patch_size} patch")
+        budget = int(max_tokens[i]) if max_tokens is not None else max_tokens_per_image
+        if budget > capacity_for_patches:
+            if not fit_to_seq_len:
+                raise ValueError(
+                    f"images[{i}]: a budget of {budget} patches (+{num_prefix_tokens} prefix) does not fit in "
+                    f"seq_len={seq_len}; raise seq_len or pass fit_to_seq_len=True to resize it down"
+                )
+            budget = capacity_for_patches
+        grid = budget_grid(H, W, patch_size, budget, max_side=max_side, allow_upscale=allow_upscale)
+        patches = patchify(resize_to_grid(image, grid, patch_size), patch_size)
+        n = grid[0] * grid[1]
+        if token_drop is not None:
+            rate, keep = token_drop.sample_keep(rng, n)
+            keep_t = torch.from_numpy(keep)
+            patches = patches[keep_t]
+        else:
+            rate, keep_t = 0.0, torch.arange(n)
+        grids.append(grid)
+        sizes.append((H, W))
+        tokens.append(patches)
+        kept_idx.append(keep_t)
+        rates.append(rate)
+
+    run_lengths = [len(k) + num_prefix_tokens for k in kept_idx]
+    bins = pack_lengths(run_lengths, seq_len, algorithm, max_images_per_seq)
+    longest = max(sum(run_lengths[i] for i in b) for b in bins)
+    L = seq_len if fixed_seq_len else min(seq_len, -(-longest // pad_multiple) * pad_multiple)
+    return _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix_tokens, images[0])
+
+
+def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like) -> PackedBatch:
+    S, N = len(bins), len(tokens)
+    dim = tokens[0].shape[1]
+    patches = torch.zeros(S, L, dim, dtype=like.dtype)
+    segment_ids = torch.full((S, L), -1, dtype=torch.long)
+    positions = torch.zeros(S, L, 2, dtype=torch.long)
+    frac_positions = torch.zeros(S, L, 2, dtype=torch.float32)
+    token_index = torch.full((S, L), -1, dtype=torch.long)
+    seq_index = torch.empty(N, dtype=torch.long)
+    seq_offset = torch.empty(N, dtype=torch.long)
+    grid_t = torch.tensor(grids, dtype=torch.long)
+    for s, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            h, w = grids[i]
+            keep = kept_idx[i]
+            start, end = offset + num_prefix, offset + num_prefix + len(keep)
+            patches[s, start:end] = tokens[i]
+            segment_ids[s, offset:end] = i
+            rows, cols = keep // w, keep % w
+            positions[s, start:end, 0] = rows
+            positions[s, start:end, 1] = cols
+            frac_positions[s, start:end, 0] = (rows.float() + 0.5) / h
+            frac_positions[s, start:end, 1] = (cols.float() + 0.5) / w
+            token_index[s, start:end] = keep
+            seq_index[i], seq_offset[i] = s, offset
+            offset = end
+    packing_order = torch.tensor([i for b in bins for i in b], dtype=torch.long)
+    num_kept = torch.tensor([len(k) for k in kept_idx], dtype=torch.long)
+    cu_seqlens = torch.zeros(N + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(num_kept[packing_order] + num_prefix, 0)
+    return PackedBatch(
+        patches=patches,
+        segment_ids=segment_ids,
+        positions=positions,
+        frac_positions=frac_positions,
+        token_index=token_index,
+        padding_mask=segment_ids < 0,
+        grid_sizes=grid_t,
+        image_sizes=torch.tensor(sizes, dtype=torch.long),
+        resized_sizes=grid_t * patch_size,
+        num_kept=num_kept,
+        drop_rates=torch.tensor(rates, dtype=torch.float32),
+        seq_index=seq_index,
+        seq_offset=seq_offset,
+        packing_order=packing_order,
+        cu_seqlens=cu_seqlens,
+        patch_size=patch_size,
+        num_prefix_tokens=num_prefix,
+    )

@@ -1,0 +1,158 @@
+"""Attention kernels over packed sequences: a token attends only to tokens of its own image.
+
+Kernels (all take q, k, v as [S, H, L, Dh] and return [S, L, H, Dh], zeros at padding):
+- ``segment``: one scaled_dot_product_attention call per image run (views, no mask). Works
+  on every device and in training; the CPU default.
+- ``flex``: FlexAttention with a document mask (block-sparse); CUDA default when available.
+- ``varlen``: flash varlen attention over the unpadded token stream via cu_seqlens (CUDA).
+- ``dense``: SDPA with an explicit [S, 1, L, L] block-diagonal mask. Reference for tests only.
+
+``auto`` picks varlen or flex on CUDA (varlen needs fp16/bf16), segment elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..data.packed_batch import PackedBatch
+
+KERNELS = ("auto", "segment", "flex", "varlen", "dense")
+
+
+class AttentionContext:
+    """Per-forward precomputation shared by all blocks (masks are built lazily, once)."""
+
+    def __init__(self, batch: PackedBatch, kernel: str = "auto"):
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+        self.batch = batch
+        self.kernel = kernel
+        self._cache: dict[str, object] = {}
+
+    def resolve(self, dtype: torch.dtype) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        if self.batch.device.type == "cuda":
+            if dtype in (torch.float16, torch.bfloat16) and _varlen_available():
+                return "varlen"
+            if _flex_available():
+                return "flex"
+        return "segment"
+
+    def cached(self, key: str, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    kernel = ctx.resolve(q.dtype)
+    if kernel == "segment":
+        return _segment_attention(q, k, v, ctx)
+    if kernel == "dense":
+        return _dense_attention(q, k, v, ctx)
+    if kernel == "flex":
+        return _flex_attention(q, k, v, ctx)
+    return _varlen_attention(q, k, v, ctx)
+
+
+def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+    S, H, L, Dh = q.shape
+    pieces = []
+    for s, runs in ctx.cached("runs_by_seq", lambda: _runs_by_sequence(ctx.batch)):
+        cursor = 0
+        for start, length in runs:
+            if start > cursor:
+                pieces.append(q.new_zeros(start - cursor, H, Dh))
+            sl = slice(start, start + length)
+            out = F.scaled_dot_product_attention(q[s : s + 1, :, sl], k[s : s + 1, :, sl], v[s : s + 1, :, sl])
+            pieces.append(out[0].transpose(0, 1))
+            cursor = start + length
+        if cursor < L:
+            pieces.append(q.new_zeros(L - cursor, H, Dh))
+    return torch.cat(pieces, 0).view(S, L, H, Dh)
+
+
+def _runs_by_sequence(batch: PackedBatch) -> list[tuple[int, list[tuple[int, int]]]]:
+    by_seq: list[list[tuple[int, int]]] = [[] for _ in range(batch.num_sequences)]
+    for _, s, start, length in batch.runs():
+        by_seq[s].append((start, length))
+    return list(enumerate(by_seq))
+
+
+def dense_block_mask(batch: PackedBatch) -> torch.Tensor:
+    """bool [S, 1, L, L]: True where query and key belong to the same image."""
+    seg = batch.segment_ids
+    return ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0))[:, None]
+
+
+def _dense_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+    mask = ctx.cached("dense", lambda: dense_block_mask(ctx.batch))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _zero_padding(out.transpose(1, 2), ctx.batch)
+
+
+def _zero_padding(out: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    return out.masked_fill(batch.padding_mask[:, :, None, None], 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def build():
+        seg = ctx.batch.segment_ids
+
+        def same_image(b, h, q_idx, kv_idx):
+            return (seg[b, q_idx] == seg[b, kv_idx]) & (seg[b, q_idx] >= 0)
+
+        S, L = seg.shape
+        return create_block_mask(same_image, S, None, L, L, device=str(seg.device))
+
+    block_mask = ctx.cached("flex", build)
+    out = _compiled_flex()(q, k, v, block_mask=block_mask)
+    return _zero_padding(out.transpose(1, 2), ctx.batch)
+
+
+def _varlen_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    batch = ctx.batch
+    S, H, L, Dh = q.shape
+    valid = ctx.cached("valid_index", lambda: (~batch.padding_mask).reshape(-1).nonzero().squeeze(1))
+    cu = batch.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    max_len = batch.max_run_length
+
+    def tokens(x):  # [S, H, L, Dh] -> [T, H, Dh]
+        return x.transpose(1, 2).reshape(S * L, H, Dh).index_select(0, valid)
+
+    out = varlen_attn(tokens(q), tokens(k), tokens(v), cu, cu, max_len, max_len)
+    full = q.new_zeros(S * L, H, Dh).index_copy(0, valid, out)
+    return full.view(S, L, H, Dh)

@@ -1,0 +1,342 @@
+"""NaViT: a ViT over packed, native-resolution images (Dehghani et al., arXiv 2307.06304).
+
+One model family, timm style: ``forward_features`` (packed tokens) / ``forward_head``
+(per-image pooling) / ``forward`` (everything a dense head needs, unpacked per image).
+Named configs: navit_ti16, navit_s16, navit_b16, navit_l16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..data.packed_batch import PackedBatch
+from .attention import AttentionContext, packed_attention
+from .pos_embed import build_pos_embed
+from .unpack import maps_to_padded, unpack_prefix, unpack_to_maps
+
+
+@dataclass(frozen=True)
+class NaViTConfig:
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    init_values: float | None = None  # LayerScale init; None disables it
+    act: str = "gelu"  # gelu | gelu_tanh | quick_gelu
+    norm_eps: float = 1e-6
+    pre_norm: bool = False  # LayerNorm before the first block (CLIP-style)
+    class_token: bool = False
+    reg_tokens: int = 0
+    no_embed_class: bool = False  # prefix tokens get no positional embedding
+    pos_embed: str = "factorized"  # factorized | fractional | sincos2d | learned2d | none
+    pos_embed_grid: int = 64  # table size (cells per side) of learned embeddings
+    pos_embed_mode: str = "bicubic"  # learned2d resize: bicubic (timm) | bilinear (SigLIP2)
+    pos_embed_antialias: bool = True
+    global_pool: str = "map"  # map | avg | token
+    fc_norm: bool = False  # norm after pooling instead of before (timm semantics)
+    num_classes: int = 0
+    drop_path_rate: float = 0.0
+    attn_kernel: str = "auto"  # auto | segment | flex | varlen | dense
+    out_indices: tuple[int, ...] = (-1,)
+    feature_norm: bool = True  # apply the final norm to every returned feature layer
+    mask_fill: str = "token"  # dropped grid cells in feature maps: learned "token" or "zeros"
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
+
+
+MODEL_CONFIGS: dict[str, dict] = {
+    "navit_ti16": dict(embed_dim=192, depth=12, num_heads=3),
+    "navit_s16": dict(embed_dim=384, depth=12, num_heads=6),
+    "navit_b16": dict(embed_dim=768, depth=12, num_heads=12),
+    "navit_l16": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return _QuickGELU()
+    raise ValueError(f"unknown activation {name!r}; choose gelu, gelu_tanh or quick_gelu")
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = _activation(act)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__()
+        dim = cfg.embed_dim
+        if dim % cfg.num_heads:
+            raise ValueError(f"embed_dim={dim} is not divisible by num_heads={cfg.num_heads}")
+        self.num_heads = cfg.num_heads
+        self.head_dim = dim // cfg.num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        S, L, D = x.shape
+        q, k, v = self.qkv(x).view(S, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = packed_attention(self.q_norm(q), self.k_norm(k), v, ctx)
+        return self.proj(out.reshape(S, L, D))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; stochastic depth drops whole images, not whole sequences."""
+
+    def __init__(self, cfg: NaViTConfig, drop_path: float):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path = drop_path
+
+    def _residual_scale(self, ctx: AttentionContext, x: torch.Tensor) -> torch.Tensor | None:
+        if not (self.training and self.drop_path > 0):
+            return None
+        batch = ctx.batch
+        keep = torch.rand(batch.num_images, device=x.device) >= self.drop_path
+        scale = keep.to(x.dtype) / (1.0 - self.drop_path)
+        return scale[batch.segment_ids.clamp(min=0)].unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        attn = self.ls1(self.attn(self.norm1(x), ctx))
+        scale = self._residual_scale(ctx, x)
+        x = x + (attn if scale is None else attn * scale)
+        mlp = self.ls2(self.mlp(self.norm2(x)))
+        scale = self._residual_scale(ctx, x)
+        return x + (mlp if scale is None else mlp * scale)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (one learned probe per image), timm AttentionPoolLatent /
+    SigLIP layout. Softmax is taken per image over that image's tokens only, vectorized with
+    scatter reductions over segment ids (no per-image loop, no padding)."""
+
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.head_dim = dim // cfg.num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.latent, std=dim**-0.5)
+        self.q = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        H, Dh, N = self.num_heads, self.head_dim, batch.num_images
+        valid = ~batch.padding_mask
+        seg = batch.segment_ids[valid]  # [T]
+        k, v = self.kv(x[valid]).view(-1, 2, H, Dh).unbind(1)  # [T, H, Dh]
+        q = self.q(self.latent).view(H, Dh) * Dh**-0.5
+        logits = (k * q).sum(-1)  # [T, H]
+        index = seg[:, None].expand(-1, H)
+        peak = logits.new_full((N, H), float("-inf")).scatter_reduce(0, index, logits, "amax", include_self=True)
+        weights = (logits - peak[seg]).exp()
+        denom = logits.new_zeros(N, H).index_add(0, seg, weights)
+        pooled = logits.new_zeros(N, H, Dh).index_add(0, seg, weights[..., None] * v) / denom[..., None]
+        pooled = self.proj(pooled.reshape(N, H * Dh))
+        return pooled + self.mlp(self.norm(pooled))
+
+
+@dataclass
+class NaViTOutput:
+    """Everything the backbone produces for one packed batch. Per-image lists follow the
+    input order of ``pack_images``."""
+
+    tokens: torch.Tensor  # [S, L, D] final (normed) packed tokens
+    feature_maps: list[torch.Tensor]  # per image [D, h_i, w_i] from the last of out_indices
+    intermediates: dict[int, list[torch.Tensor]]  # layer index -> per-image maps, for all out_indices
+    pooled: torch.Tensor  # [N, D] (or [N, num_classes] with a classifier head)
+    prefix_tokens: torch.Tensor | None  # [N, num_prefix_tokens, D] or None
+    batch: PackedBatch = field(repr=False)
+
+    def padded(self, layer: int | None = None, size_divisibility: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded [N, D, H, W] view and bool [N, H, W] valid mask, for heads that need a batch tensor."""
+        maps = self.feature_maps if layer is None else self.intermediates[layer]
+        return maps_to_padded(maps, size_divisibility)
+
+
+class NaViT(nn.Module):
+    def __init__(self, cfg: NaViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.num_prefix_tokens = cfg.num_prefix_tokens
+        self.embed_dim = self.num_features = dim
+        self.patch_embed = nn.Linear(cfg.in_chans * cfg.patch_size**2, dim)
+        self.pos_embed = build_pos_embed(
+            cfg.pos_embed, dim, cfg.pos_embed_grid, mode=cfg.pos_embed_mode, antialias=cfg.pos_embed_antialias
+        )
+        if cfg.num_prefix_tokens:
+            self.prefix_tokens = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, dim))
+            nn.init.normal_(self.prefix_tokens, std=1e-6 if cfg.class_token else 0.02)
+            embed_prefix = cfg.pos_embed != "none" and not cfg.no_embed_class
+            self.prefix_pos = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, dim)) if embed_prefix else None
+        self.norm_pre = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if not cfg.fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
+        if cfg.global_pool not in ("map", "avg", "token"):
+            raise ValueError(f"global_pool must be map|avg|token, got {cfg.global_pool!r}")
+        if cfg.global_pool == "token" and not cfg.class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        self.attn_pool = MAPHead(cfg) if cfg.global_pool == "map" else None
+        self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        if cfg.mask_fill not in ("token", "zeros"):
+            raise ValueError(f"mask_fill must be 'token' or 'zeros', got {cfg.mask_fill!r}")
+        self.mask_token = nn.Parameter(torch.zeros(dim)) if cfg.mask_fill == "token" else None
+        self.out_indices = tuple(i % cfg.depth for i in cfg.out_indices)
+        self.apply(_init_weights)
+
+    # ---- embedding -----------------------------------------------------------------------
+    def _check(self, batch: PackedBatch) -> None:
+        if not isinstance(batch, PackedBatch):
+            raise TypeError(f"NaViT takes a PackedBatch (see navit_dense.pack_images), got {type(batch).__name__}")
+        if batch.patch_size != self.patch_size:
+            raise ValueError(f"batch was packed with patch_size={batch.patch_size}, model uses {self.patch_size}")
+        if batch.num_prefix_tokens != self.num_prefix_tokens:
+            raise ValueError(
+                f"batch reserves {batch.num_prefix_tokens} prefix slots per image but the model has "
+                f"{self.num_prefix_tokens} prefix tokens: pack with num_prefix_tokens=model.num_prefix_tokens"
+            )
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        x = self.patch_embed(batch.patches.to(self.patch_embed.weight.dtype))
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(batch).to(x.dtype)
+        if self.num_prefix_tokens:
+            prefix = self.prefix_tokens if self.prefix_pos is None else self.prefix_tokens + self.prefix_pos
+            slot = torch.arange(batch.seq_len, device=x.device)[None] - batch.seq_offset[batch.segment_ids.clamp(min=0)]
+            slot = slot.clamp(0, self.num_prefix_tokens - 1)
+            x = torch.where(batch.prefix_mask[..., None], prefix.to(x.dtype)[slot], x)
+        x = x.masked_fill(batch.padding_mask[..., None], 0.0)
+        return self.norm_pre(x)
+
+    # ---- timm-style API ---------------------------------------------------------------------
+    def forward_intermediates(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(final normed tokens [S, L, D], {layer: packed tokens [S, L, D]} for out_indices)."""
+        self._check(batch)
+        ctx = AttentionContext(batch, self.cfg.attn_kernel)
+        x = self.embed(batch)
+        inter: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x, ctx)
+            if i in self.out_indices:
+                inter[i] = self.norm(x) if self.cfg.feature_norm else x
+        last = len(self.blocks) - 1
+        final = inter[last] if (last in inter and self.cfg.feature_norm) else self.norm(x)
+        return final, inter
+
+    def forward_features(self, batch: PackedBatch) -> torch.Tensor:
+        return self.forward_intermediates(batch)[0]
+
+    def forward_head(self, x: torch.Tensor, batch: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
+        pool = self.cfg.global_pool
+        if pool == "map":
+            pooled = self.attn_pool(x, batch)
+        elif pool == "token":
+            pooled = unpack_prefix(x, batch)[:, 0]
+        else:
+            is_patch = batch.token_index >= 0
+            seg = batch.segment_ids[is_patch]
+            total = x.new_zeros(batch.num_images, x.shape[-1]).index_add(0, seg, x[is_patch])
+            pooled = total / batch.num_kept.to(x.device, x.dtype)[:, None]
+        pooled = self.fc_norm(pooled)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, batch: PackedBatch) -> NaViTOutput:
+        final, inter = self.forward_intermediates(batch)
+        maps = {i: unpack_to_maps(t, batch, self.mask_token) for i, t in inter.items()}
+        return NaViTOutput(
+            tokens=final,
+            feature_maps=maps[self.out_indices[-1]],
+            intermediates=maps,
+            pooled=self.forward_head(final, batch),
+            prefix_tokens=unpack_prefix(final, batch) if self.num_prefix_tokens else None,
+            batch=batch,
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"mask_token", "prefix_tokens", "prefix_pos", "attn_pool.latent"}
+        names |= {n for n, _ in self.named_parameters() if n.startswith("pos_embed.")}
+        return names
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_backbone(name: str = "navit_ti16", **overrides) -> NaViT:
+    """Build a named NaViT; keyword arguments override any NaViTConfig field."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODEL_CONFIGS)}")
+    valid = {f.name for f in fields(NaViTConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(f"unknown NaViTConfig option(s) {unknown}; valid options: {sorted(valid)}")
+    if "out_indices" in overrides:
+        overrides["out_indices"] = tuple(overrides["out_indices"])
+    return NaViT(replace(NaViTConfig(**MODEL_CONFIGS[name]), **overrides))
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CONFIGS)
+
+
+def config_dict(cfg: NaViTConfig) -> dict:
+    return asdict(cfg)
+
+
+def out_indices_for(depth: int, count: int) -> Sequence[int]:
+    """Evenly spaced block indices ending at the last block (ViTDet-style taps)."""
+    step = depth // count
+    return tuple(depth - 1 - step * (count - 1 - k) for k in range(count))

@@ -1,0 +1,125 @@
+"""Positional embeddings for packed tokens of variable-size images.
+
+Every module maps a PackedBatch to [S, L, D] embeddings for the patch tokens (zeros at prefix
+slots and padding). None of them has a maximum grid: larger grids are handled by scaling
+coordinates into the learned table (factorized) or resizing the table (learned 2D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.packed_batch import PackedBatch
+
+POS_EMBED_TYPES = ("factorized", "fractional", "sincos2d", "learned2d", "none")
+
+
+def _lerp_lookup(table: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation in a [G, D] table at continuous coordinates (clamped to [0, G-1])."""
+    coord = coord.clamp(0, table.shape[0] - 1)
+    lo = coord.floor().long()
+    hi = (lo + 1).clamp(max=table.shape[0] - 1)
+    t = (coord - lo.to(coord.dtype)).unsqueeze(-1).to(table.dtype)
+    return table[lo] * (1 - t) + table[hi] * t
+
+
+class FactorizedPosEmbed(nn.Module):
+    """Separate learned row and column tables, summed (the paper's best variant).
+
+    ``fractional=False``: a token at integer (row, col) reads entry row / col exactly. For an
+    image whose grid side exceeds the table, its coordinates are rescaled onto the table
+    (patch centres, linear interpolation), i.e. it falls back to fractional lookup.
+    ``fractional=True``: always look up (row + .5) / h * G - .5, so a position is defined
+    relative to the image extent and every aspect ratio spans the whole table.
+    """
+
+    def __init__(self, dim: int, max_grid: int, fractional: bool = False):
+        super().__init__()
+        self.max_grid = max_grid
+        self.fractional = fractional
+        self.row = nn.Parameter(torch.zeros(max_grid, dim))
+        self.col = nn.Parameter(torch.zeros(max_grid, dim))
+        nn.init.trunc_normal_(self.row, std=0.02)
+        nn.init.trunc_normal_(self.col, std=0.02)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        G = self.max_grid
+        frac_coord = batch.frac_positions * G - 0.5  # [S, L, 2]
+        if self.fractional:
+            coord = frac_coord
+        else:
+            grid = batch.grid_sizes[batch.segment_ids.clamp(min=0)]  # [S, L, 2]
+            coord = torch.where(grid > G, frac_coord, batch.positions.to(frac_coord.dtype))
+        emb = _lerp_lookup(self.row, coord[..., 0]) + _lerp_lookup(self.col, coord[..., 1])
+        return emb * (batch.token_index >= 0).unsqueeze(-1).to(emb.dtype)
+
+
+class SinCos2dPosEmbed(nn.Module):
+    """Fixed 2D sine-cosine embedding of integer (row, col) (MoCo v3 / MAE layout)."""
+
+    def __init__(self, dim: int, temperature: float = 10000.0):
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"sincos2d needs dim divisible by 4, got {dim}")
+        omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+        self.register_buffer("omega", omega, persistent=False)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        pos = batch.positions.to(torch.float32)
+        angles_y = pos[..., 0:1] * self.omega
+        angles_x = pos[..., 1:2] * self.omega
+        emb = torch.cat([angles_x.sin(), angles_x.cos(), angles_y.sin(), angles_y.cos()], dim=-1)
+        return emb * (batch.token_index >= 0).unsqueeze(-1).to(emb.dtype)
+
+
+class Learned2dPosEmbed(nn.Module):
+    """A learned [Gh, Gw, D] grid (ViT / SigLIP layout) resized to each image's grid.
+
+    Resizing is done once per distinct grid size in the batch, then one gather serves all
+    tokens. ``mode``/``antialias`` follow the source of imported weights: timm uses bicubic
+    with antialias, HF SigLIP2 (NaFlex) bilinear with antialias.
+    """
+
+    def __init__(self, dim: int, grid: tuple[int, int], mode: str = "bicubic", antialias: bool = True):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.mode = mode
+        self.antialias = antialias
+        self.weight = nn.Parameter(torch.zeros(grid[0], grid[1], dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def resized(self, h: int, w: int) -> torch.Tensor:
+        """[h * w, D] table for one grid size."""
+        if (h, w) == self.grid:
+            return self.weight.reshape(h * w, -1)
+        table = self.weight.permute(2, 0, 1)[None].float()
+        table = F.interpolate(table, size=(h, w), mode=self.mode, align_corners=False, antialias=self.antialias)
+        return table[0].permute(1, 2, 0).reshape(h * w, -1).to(self.weight.dtype)
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        unique, inverse = torch.unique(batch.grid_sizes, dim=0, return_inverse=True)
+        tables = [self.resized(h, w) for h, w in unique.tolist()]
+        sizes = torch.tensor([t.shape[0] for t in tables], device=batch.device)
+        starts = torch.cumsum(sizes, 0) - sizes
+        image = batch.segment_ids.clamp(min=0)
+        index = starts[inverse.to(batch.device)[image]] + batch.token_index.clamp(min=0)
+        emb = torch.cat(tables, 0)[index]
+        return emb * (batch.token_index >= 0).unsqueeze(-1).to(emb.dtype)
+
+
+def build_pos_embed(kind: str, dim: int, max_grid: int, **kwargs) -> nn.Module | None:
+    if kind == "factorized":
+        return FactorizedPosEmbed(dim, max_grid, fractional=False)
+    if kind == "fractional":
+        return FactorizedPosEmbed(dim, max_grid, fractional=True)
+    if kind == "sincos2d":
+        return SinCos2dPosEmbed(dim)
+    if kind == "learned2d":
+        grid = kwargs.get("grid") or (max_grid, max_grid)
+        return Learned2dPosEmbed(dim, grid, mode=kwargs.get("mode", "bicubic"), antialias=kwargs.get("antialias", True))
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown pos_embed {kind!r}; choose one of {POS_EMBED_TYPES}")
+
