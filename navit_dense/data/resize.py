@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -30,29 +28,21 @@ def budget_grid(
         raise ValueError(f"max_side={max_side} is smaller than one patch ({patch_size})")
     max_cells = max_side // patch_size if max_side is not None else max_tokens
 
-    def grid(scale: float) -> tuple[int, int]:
-        # Rounding both sides up keeps each within one patch of the exact aspect ratio.
-        return max(1, math.ceil(height * scale - 1e-6)), max(1, math.ceil(width * scale - 1e-6))
-
-    def fits(scale: float) -> bool:
-        h, w = grid(scale)
-        return h * w <= max_tokens and max(h, w) <= max_cells
-
-    # Binary search the largest scale (patches per pixel) whose grid fits (SigLIP2 / NaFlex rule).
-    lo, hi = 0.0, math.sqrt(max_tokens / (height * width)) * 2 + 1.0
-    if not allow_upscale:
-        hi = min(hi, 1.0 / patch_size)
-        if fits(hi):
-            lo = hi
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    h, w = grid(lo)
-    if h * w > max_tokens or max(h, w) > max_cells:  # only when a side is pinned at one patch
-        h, w = min(h, max_cells, max_tokens), min(w, max_cells, max_tokens)
-        while h * w > max_tokens:
-            h, w = (h - 1, w) if h >= w else (h, w - 1)
-    return h, w
+    # The grid at scale s (patches per pixel) is (ceil(H*s), ceil(W*s)): rounding both sides up
+    # keeps each within one patch of the exact aspect ratio (the SigLIP2 / NaFlex rule). It only
+    # changes at s = k/H or s = k/W, so try those breakpoints exactly (integer arithmetic) and
+    # keep the largest s whose grid fits.
+    best, best_scale = (1, 1), (0, 1)
+    for along, other in ((height, width), (width, height)):
+        for k in range(1, min(max_cells, max_tokens) + 1):
+            if not allow_upscale and k * patch_size > along:
+                break
+            a, b = k, max(1, -(-other * k // along))
+            if a * b > max_tokens or b > max_cells:
+                break
+            if k * best_scale[1] > best_scale[0] * along:
+                best, best_scale = ((a, b) if along == height else (b, a)), (k, along)
+    return best
 
 
 def resize_to_grid(image: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ class ResolutionSampler:
     min_side: int = 64
     max_side: int = 512
     loc: float = -0.5
-    scale: float = 1.0
+    scale: float = 0.5
     multiple: int = 16
 
     def __post_init__(self) -> None:

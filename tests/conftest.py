@@ -1,0 +1,37 @@
+"""Shared fixtures: deterministic CPU torch, and real photos shipped inside scikit-image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import settings
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.load_profile("ci")
+
+# Real CC0 / public-domain photos of very different aspect ratios.
+PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "text.png", "hubble_deep_field.jpg")
+
+
+def skimage_data_dir() -> Path:
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent
+
+
+def load_photo(name: str) -> torch.Tensor:
+    """float CHW RGB in [0, 1]; grayscale photos are repeated to 3 channels."""
+    from PIL import Image
+
+    array = np.asarray(Image.open(skimage_data_dir() / name).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[torch.Tensor]:
+    return [load_photo(n) for n in PHOTO_NAMES]

@@ -1,0 +1,200 @@
+"""Packing invariants, resize-to-budget geometry, token dropping, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import navit_dense as nd
+from navit_dense.data import PACKING_ALGORITHMS, ResolutionSampler, TokenDrop, budget_grid, pack_lengths, patchify, resize_to_grid
+
+
+# ---- bin packing --------------------------------------------------------------------------
+@given(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60),
+    capacity=st.integers(64, 200),
+    algorithm=st.sampled_from(PACKING_ALGORITHMS),
+    cap=st.one_of(st.none(), st.integers(1, 6)),
+)
+def test_pack_lengths_invariants(lengths, capacity, algorithm, cap):
+    bins = pack_lengths(lengths, capacity, algorithm, max_images_per_seq=cap)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))  # every item exactly once
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)  # no overflow
+    assert all(b for b in bins)
+    if cap is not None:
+        assert all(len(b) <= cap for b in bins)
+    assert bins == pack_lengths(lengths, capacity, algorithm, max_images_per_seq=cap)  # deterministic
+
+
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=60), capacity=st.integers(64, 200))
+def test_decreasing_heuristics_never_use_more_bins_than_next_fit(lengths, capacity):
+    nf = len(pack_lengths(lengths, capacity, "next_fit"))
+    lower_bound = math.ceil(sum(lengths) / capacity)
+    for algorithm in ("first_fit_decreasing", "best_fit_decreasing", "balanced"):
+        n = len(pack_lengths(lengths, capacity, algorithm))
+        assert lower_bound <= n <= nf
+
+
+def test_first_fit_follows_paper_greedy_order():
+    # Items in input order go to the first sequence with room.
+    assert pack_lengths([6, 6, 3, 4, 1], 10, "first_fit") == [[0, 2, 4], [1, 3]]
+    # next-fit never revisits a closed sequence
+    assert pack_lengths([6, 6, 3, 4, 1], 10, "next_fit") == [[0], [1, 2], [3, 4]]
+    assert pack_lengths([6, 6, 3, 4, 1], 10, "best_fit_decreasing") == [[0, 3], [1, 2, 4]]
+
+
+def test_pack_lengths_rejects_oversized_and_unknown():
+    with pytest.raises(ValueError, match="image 1 needs 20 tokens"):
+        pack_lengths([5, 20], 10)
+    with pytest.raises(ValueError, match="unknown packing algorithm"):
+        pack_lengths([5], 10, "worst_fit")
+
+
+# ---- resize to budget ---------------------------------------------------------------------
+@given(
+    height=st.integers(1, 5000),
+    width=st.integers(1, 5000),
+    budget=st.integers(1, 1024),
+    max_side=st.one_of(st.none(), st.sampled_from([64, 128, 256, 512, 1024])),
+)
+def test_budget_grid_respects_budget_and_aspect(height, width, budget, max_side):
+    P = 16
+    h, w = budget_grid(height, width, P, budget, max_side=max_side)
+    assert h >= 1 and w >= 1 and h * w <= budget
+    if max_side is not None:
+        assert max(h, w) * P <= max_side
+    # each side within one patch of the exact aspect ratio (unless pinned at one patch)
+    if h > 1 and w > 1:
+        scale_h, scale_w = h / height, w / width
+        assert abs(h - width * scale_h * height / width) < 1 + 1e-6
+        assert abs(w - height * scale_w * width / height) < 1 + 1e-6
+        assert max(scale_h, scale_w) / min(scale_h, scale_w) <= max(h / (h - 1), w / (w - 1)) + 1e-6
+    # the budget is used: one more step of scale would not fit
+    h2, w2 = budget_grid(height, width, P, budget + max(h, w) * 4, max_side=max_side)
+    assert h2 >= h and w2 >= w
+
+
+def test_budget_grid_examples():
+    assert budget_grid(512, 512, 16, 256) == (16, 16)
+    assert budget_grid(20000, 50, 16, 256) == (256, 1)
+    assert budget_grid(50, 20000, 16, 256, max_side=1024) == (1, 64)
+    assert budget_grid(300, 451, 16, 256) == (13, 19)
+
+
+# ---- pack_images --------------------------------------------------------------------------
+sizes_strategy = st.lists(st.tuples(st.integers(16, 200), st.integers(16, 200)), min_size=1, max_size=8)
+
+
+@given(sizes=sizes_strategy, budget=st.integers(4, 64), algorithm=st.sampled_from(PACKING_ALGORITHMS), prefix=st.integers(0, 2))
+def test_pack_images_layout(sizes, budget, algorithm, prefix):
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=gen) for h, w in sizes]
+    batch = nd.pack_images(images, patch_size=8, max_tokens_per_image=budget, seq_len=96, algorithm=algorithm, num_prefix_tokens=prefix)
+    batch.validate()
+    assert batch.num_images == len(images)
+    assert batch.seq_len <= 96
+    for i, image in enumerate(images):
+        h, w = batch.grid_sizes[i].tolist()
+        assert h * w <= budget
+        expected = patchify(resize_to_grid(image, (h, w), 8), 8)
+        s, o = int(batch.seq_index[i]), int(batch.seq_offset[i])
+        run = slice(o + prefix, o + prefix + h * w)
+        torch.testing.assert_close(batch.patches[s, run], expected)
+        rows, cols = batch.positions[s, run].unbind(-1)
+        assert torch.equal(rows * w + cols, batch.token_index[s, run])
+        assert torch.equal(batch.token_index[s, run], torch.arange(h * w))
+        torch.testing.assert_close(batch.frac_positions[s, run, 0], (rows.float() + 0.5) / h)
+        torch.testing.assert_close(batch.frac_positions[s, run, 1], (cols.float() + 0.5) / w)
+        assert bool((batch.token_index[s, o : o + prefix] == -1).all())
+        assert bool(batch.prefix_mask[s, o : o + prefix].all())
+    assert bool((batch.patches[batch.padding_mask] == 0).all())
+
+
+def test_balanced_packing_has_little_padding():
+    rng = np.random.default_rng(0)
+    images = [torch.rand(3, int(h), int(w)) for h, w in rng.integers(32, 400, size=(200, 2))]
+    ours = nd.pack_images(images, 16, 256, 2048)
+    paper = nd.pack_images(images, 16, 256, 2048, algorithm="first_fit", fixed_seq_len=True)
+    assert ours.pad_fraction <= 0.01
+    assert ours.pad_fraction < paper.pad_fraction
+
+
+def test_fixed_seq_len_and_cap():
+    images = [torch.rand(3, 64, 64) for _ in range(5)]
+    batch = nd.pack_images(images, 16, 16, 128, fixed_seq_len=True, max_images_per_seq=2)
+    assert batch.seq_len == 128 and batch.num_sequences == 3
+    assert torch.bincount(batch.seq_index).max() <= 2
+
+
+# ---- token dropping -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "drop",
+    [TokenDrop("constant", rate=0.5), TokenDrop("beta", alpha=2, beta=5, max_rate=0.8), TokenDrop("resolution", min_rate=0.1, max_rate=0.7, min_tokens=16, max_tokens=64)],
+)
+def test_token_drop_is_seeded_and_consistent(drop):
+    images = [torch.rand(3, 16 * h, 16 * w) for h, w in [(4, 4), (8, 8), (2, 7), (8, 3)]]
+    a = nd.pack_images(images, 16, 64, 256, allow_upscale=False, token_drop=drop, seed=3)
+    b = nd.pack_images(images, 16, 64, 256, allow_upscale=False, token_drop=drop, seed=3)
+    c = nd.pack_images(images, 16, 64, 256, allow_upscale=False, token_drop=drop, seed=4)
+    a.validate()
+    assert torch.equal(a.token_index, b.token_index) and torch.equal(a.drop_rates, b.drop_rates)
+    assert not torch.equal(a.token_index, c.token_index)
+    areas = a.grid_sizes.prod(1)
+    # the one rate sampled per image decides how many tokens are packed
+    expected = torch.clamp(torch.round(areas * (1 - a.drop_rates.double())), min=1).long()
+    assert torch.equal(a.num_kept, expected)
+    for i in range(a.num_images):
+        kept = a.kept_indices(i)
+        assert bool((kept[1:] > kept[:-1]).all()) and int(kept.max()) < int(areas[i])
+    if drop.mode == "resolution":
+        assert a.drop_rates[1] > a.drop_rates[0]  # larger images drop more
+
+
+def test_no_drop_without_token_drop():
+    batch = nd.pack_images([torch.rand(3, 64, 96)], 16, 64, 64, allow_upscale=False)
+    assert int(batch.num_kept[0]) == 24 and float(batch.drop_rates[0]) == 0.0
+
+
+def test_resolution_sampler_low_biased():
+    sampler = ResolutionSampler(64, 512, loc=-0.5, multiple=16)
+    rng = np.random.default_rng(0)
+    sides = np.array([sampler.sample(rng) for _ in range(2000)])
+    assert sides.min() >= 64 and sides.max() <= 512 and (sides % 16 == 0).all()
+    assert sides.mean() < (64 + 512) / 2 - 40
+    again = np.array([ResolutionSampler(64, 512).sample(np.random.default_rng(0)) for _ in range(3)])
+    assert len(set(again.tolist())) == 1
+
+
+# ---- bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.rand(1, 64, 64), "3-channel"),
+        (torch.rand(4, 64, 64), "3-channel"),
+        (torch.rand(64, 64), "3-channel"),
+        (torch.rand(3, 0, 64), "zero-size"),
+        (torch.rand(3, 8, 64), "smaller than one 16x16 patch"),
+        (torch.full((3, 32, 32), float("nan")), "NaN"),
+        (torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8), "floating-point"),
+        (np.zeros((3, 32, 32), dtype=np.float32), "torch.Tensor"),
+    ],
+)
+def test_bad_images_are_rejected_with_clear_errors(image, message):
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        nd.pack_images([torch.rand(3, 32, 32), image], 16, 16, 64)
+    assert "images[1]" in str(info.value)
+
+
+def test_image_larger_than_sequence():
+    with pytest.raises(ValueError, match="does not fit in seq_len=64"):
+        nd.pack_images([torch.rand(3, 256, 256)], 16, 256, 64)
+    batch = nd.pack_images([torch.rand(3, 256, 256)], 16, 256, 64, fit_to_seq_len=True)
+    assert int(batch.grid_sizes.prod()) <= 64
+    with pytest.raises(ValueError, match="at least one image"):
+        nd.pack_images([], 16, 16, 64)
