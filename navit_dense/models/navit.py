@@ -42,6 +42,7 @@ class NaViTConfig:
     pos_embed_antialias: bool = True
     global_pool: str = "map"  # map | avg | token
     fc_norm: bool = False  # norm after pooling instead of before (timm semantics)
+    map_include_prefix: bool = True  # MAP also attends to prefix tokens (timm 1.0.31 default: patches only)
     num_classes: int = 0
     drop_path_rate: float = 0.0
     attn_kernel: str = "auto"  # auto | segment | flex | varlen | dense
@@ -165,10 +166,11 @@ class MAPHead(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+        self.include_prefix = cfg.map_include_prefix
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         H, Dh, N = self.num_heads, self.head_dim, batch.num_images
-        valid = ~batch.padding_mask
+        valid = ~batch.padding_mask if self.include_prefix else batch.token_index >= 0
         seg = batch.segment_ids[valid]  # [T]
         k, v = self.kv(x[valid]).view(-1, 2, H, Dh).unbind(1)  # [T, H, Dh]
         q = self.q(self.latent).view(H, Dh) * Dh**-0.5

@@ -1,0 +1,509 @@
+"""Import pretrained ViT weights into NaViT: timm ``VisionTransformer`` and HF ``Siglip2VisionModel``.
+
+Both converters work in two steps, so a checkpoint can be converted without building the
+source model: ``config_from_*`` reads the architecture (from the model object, or from
+state-dict shapes plus keyword overrides), ``convert_*_state_dict`` renames and reshapes the
+tensors. ``navit_from_*`` does both and loads the result strictly: every NaViT tensor must be
+produced (only the NaViT-specific ``mask_token`` keeps its init) and every source tensor must
+be used, so a feature NaViT cannot express fails loudly instead of being dropped.
+
+Layouts:
+- timm patch embedding is a Conv2d [D, C, P, P]; flattening it gives our (c, py, px) patches.
+- HF SigLIP2 (NaFlex) embeds patches flattened (py, px, c); its columns are permuted.
+- Absolute position tables become our ``learned2d`` grid, resized per image like the source
+  does it (timm: bicubic + antialias, SigLIP2: bilinear + antialias).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .navit import NaViT, NaViTConfig
+
+_ALLOWED_MISSING = {"mask_token"}  # NaViT-only parameter, no counterpart in any source
+
+
+# ---- shared helpers ----------------------------------------------------------------------
+def _mlp_ratio(hidden: int, dim: int) -> float:
+    """A ratio with int(dim * ratio) == hidden (NaViT's Mlp sizing); hidden / dim can round down."""
+    ratio = hidden / dim
+    if int(dim * ratio) != hidden:
+        ratio = (hidden + 0.5) / dim
+    return ratio
+
+
+def _make_config(found: dict[str, Any], overrides: Mapping[str, Any]) -> NaViTConfig:
+    valid = {f.name for f in fields(NaViTConfig)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(f"unknown NaViTConfig option(s) {unknown}; valid options: {sorted(valid)}")
+    merged = {**found, **overrides}
+    if "out_indices" in merged:
+        merged["out_indices"] = tuple(merged["out_indices"])
+    if merged.get("global_pool") == "token" and not merged.get("class_token"):
+        raise ValueError("unsupported: global_pool='token' without a class token (no class token with 'token' pool)")
+    return NaViTConfig(**merged)
+
+
+def _expected_shapes(cfg: NaViTConfig, reference: NaViT | None) -> dict[str, torch.Size]:
+    if reference is None:  # NaViT's constructor cannot run on the meta device (linspace().tolist())
+        reference = NaViT(cfg)
+    elif reference.cfg != cfg:
+        raise ValueError("reference model was built from a different config")
+    return {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def _finish(out: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: str) -> dict[str, torch.Tensor]:
+    """Zero-fill Linear biases the source was built without (bias=False is the same map as a
+    zero bias), then check every NaViT tensor is present with the right shape."""
+    for key, shape in expected.items():
+        if key not in out and key.endswith(".bias") and key[: -len("bias")] + "weight" in out:
+            out[key] = torch.zeros(shape, dtype=out[key[: -len("bias")] + "weight"].dtype)
+    missing = sorted(set(expected) - set(out) - _ALLOWED_MISSING)
+    if missing:
+        raise ValueError(f"{source} checkpoint lacks weights NaViT needs for this config: {missing}")
+    bad = [
+        f"{k}: {tuple(v.shape)} vs NaViT {tuple(expected[k])}"
+        for k, v in out.items()
+        if k in expected and v.shape != expected[k]
+    ]
+    if bad:
+        raise ValueError(f"{source} weights do not fit the NaViT config: {bad}")
+    return out
+
+
+def _load(model: NaViT, state_dict: dict[str, torch.Tensor]) -> NaViT:
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = set(result.missing_keys) - _ALLOWED_MISSING
+    if missing or result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise ValueError(f"weight import mismatch: missing {sorted(missing)}, unexpected {unexpected}")
+    return model.eval()
+
+
+# ---- timm VisionTransformer ----------------------------------------------------------------
+# Source keys NaViT has no place for, with the timm feature they belong to (for error messages).
+_TIMM_KEY_HINTS = {
+    "rope": "rotary position embeddings (rope)",
+    "fc1_g": "SwiGLU / GLU MLP",
+    "fc1_x": "SwiGLU / GLU MLP",
+    "w12": "SwiGLU MLP",
+    "mlp.norm": "MLP inner norm (scale_mlp_norm)",
+    "attn.norm": "attention inner norm (scale_attn_norm)",
+    "attn.gate": "gated attention",
+    "patch_embed.norm": "patch-embedding norm (embed_norm_layer)",
+    "dist_token": "distillation token (DeiT distilled)",
+    "head_dist": "distillation head (DeiT distilled)",
+    "attn_pool.pos_embed": "attention-pool position embedding",
+    "attn_pool.q_norm": "attention-pool qk norm",
+    "lambda": "differential attention",
+    "gamma_1": "EVA/BEiT-style block (these checkpoints often use rope)",
+    "q_bias": "EVA/BEiT-style split q/v bias",
+}
+_TIMM_ACTS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu"}
+
+
+def _timm_act(act: nn.Module) -> str | None:
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return _TIMM_ACTS.get(type(act).__name__)
+
+
+def _is_identity(m: nn.Module | None) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
+    """Architecture of a timm VisionTransformer; raises naming every feature NaViT lacks."""
+    from timm.layers import Mlp, PatchEmbed
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    problems: list[str] = []
+    if getattr(model, "rope", None) is not None or any("rope" in n.lower() for n, _ in model.named_modules()):
+        problems.append("rotary position embeddings (rope)")
+    mlp_kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith("mlp")}
+    if any("glu" in k.lower() for k in mlp_kinds):
+        problems.append(f"SwiGLU / GLU MLP ({', '.join(sorted(mlp_kinds))})")
+    if type(model) is not VisionTransformer:  # subclasses (e.g. DeiT distilled) add tokens/heads
+        raise ValueError(
+            f"unsupported timm model class {type(model).__name__}"
+            + (f" ({'; '.join(problems)})" if problems else "")
+            + ": only timm.models.vision_transformer.VisionTransformer can be imported"
+        )
+
+    D = model.embed_dim
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
+        problems.append(f"patch embedding {type(pe).__name__} (hybrid / non-PatchEmbed stem)")
+    else:
+        if pe.patch_size[0] != pe.patch_size[1] or tuple(pe.proj.stride) != tuple(pe.patch_size):
+            problems.append(f"non-square or overlapping patches {pe.patch_size}")
+        if not _is_identity(pe.norm):
+            problems.append("patch-embedding norm (embed_norm_layer)")
+    if model.pos_embed is not None and pe.grid_size[0] != pe.grid_size[1]:
+        problems.append(f"non-square position grid {tuple(pe.grid_size)}")
+
+    blk = model.blocks[0]
+    for i, b in enumerate(model.blocks):
+        if type(b) is not Block:
+            problems.append(f"block type {type(b).__name__} (blocks.{i})")
+            break
+        if type(b.attn) is not Attention:
+            problems.append(f"attention type {type(b.attn).__name__} (blocks.{i})")
+            break
+        if not _is_identity(b.attn.norm):
+            problems.append("attention inner norm (scale_attn_norm)")
+        if getattr(b.attn, "gate", None) is not None:
+            problems.append("gated attention")
+        if b.attn.head_dim * b.attn.num_heads != D:
+            problems.append(f"attention head dim {b.attn.head_dim} x {b.attn.num_heads} heads != embed_dim {D}")
+        if type(b.mlp) is not Mlp or not isinstance(b.mlp.fc1, nn.Linear):
+            problems.append(f"MLP type {type(b.mlp).__name__} (blocks.{i})")
+            break
+        if not _is_identity(b.mlp.norm):
+            problems.append("MLP inner norm (scale_mlp_norm)")
+        if _timm_act(b.mlp.act) is None:
+            problems.append(f"activation {type(b.mlp.act).__name__}")
+        if _timm_act(b.mlp.act) != _timm_act(blk.mlp.act):
+            problems.append("different activations across blocks")
+        if b.attn.num_heads != blk.attn.num_heads:
+            problems.append("different head counts across blocks")
+
+    norms = [m for n, m in model.named_modules() if "norm" in n.rsplit(".", 1)[-1] and not _is_identity(m)]
+    not_ln = sorted({type(m).__name__ for m in norms if not isinstance(m, nn.LayerNorm)})
+    if not_ln:
+        problems.append(f"norm layer(s) {not_ln} (only LayerNorm)")
+    eps = sorted({m.eps for m in norms if isinstance(m, nn.LayerNorm)})
+    if len(eps) > 1:
+        problems.append(f"mixed LayerNorm eps {eps}")
+    if any(isinstance(m, nn.LayerNorm) and not m.elementwise_affine for m in norms):
+        problems.append("LayerNorm without affine parameters")
+
+    pool = model.global_pool
+    if pool not in ("token", "avg", "map"):
+        problems.append(f"global_pool={pool!r} (supported: token, avg, map)")
+    if pool == "avg" and model.pool_include_prefix:
+        problems.append("avg pooling over prefix tokens (pool_include_prefix=True)")
+    if _is_identity(model.norm) and _is_identity(model.fc_norm):
+        problems.append("final_norm=False")
+    if pool == "map":
+        ap = model.attn_pool
+        if type(ap).__name__ != "AttentionPoolLatent":
+            problems.append(f"attention pool {type(ap).__name__}")
+        else:
+            if ap.latent_len != 1 or ap.pos_embed is not None or not isinstance(ap.q, nn.Linear):
+                problems.append("attention pool with several latents, a position embedding, or no q projection")
+            if not (_is_identity(ap.q_norm) and _is_identity(ap.k_norm)):
+                problems.append("attention-pool qk norm")
+            if ap.mlp is None or ap.out_features != D or ap.num_heads != blk.attn.num_heads:
+                problems.append("attention pool with out_features / heads differing from the blocks")
+            elif ap.mlp.fc1.out_features != blk.mlp.fc1.out_features or _timm_act(ap.mlp.act) != _timm_act(blk.mlp.act):
+                problems.append("attention-pool MLP differing from the block MLP")
+            if (ap.kv.bias is not None) != (blk.attn.qkv.bias is not None):
+                problems.append("attention-pool qkv bias differing from the blocks' qkv_bias")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        problems.append(f"classifier head {type(model.head).__name__}")
+    if problems:
+        raise ValueError("unsupported timm ViT feature(s): " + "; ".join(dict.fromkeys(problems)))
+
+    return dict(
+        patch_size=pe.patch_size[0],
+        in_chans=pe.proj.in_channels,
+        embed_dim=D,
+        depth=len(model.blocks),
+        num_heads=blk.attn.num_heads,
+        mlp_ratio=_mlp_ratio(blk.mlp.fc1.out_features, D),
+        qkv_bias=blk.attn.qkv.bias is not None,
+        qk_norm=not _is_identity(blk.attn.q_norm),
+        init_values=1.0 if not _is_identity(blk.ls1) else None,  # value is overwritten by the weights
+        act=_timm_act(blk.mlp.act),
+        norm_eps=eps[0] if eps else 1e-6,
+        pre_norm=not _is_identity(model.norm_pre),
+        class_token=model.cls_token is not None,
+        reg_tokens=model.num_reg_tokens,
+        no_embed_class=model.no_embed_class,
+        pos_embed="learned2d" if model.pos_embed is not None else "none",
+        pos_embed_grid=pe.grid_size[0],
+        pos_embed_mode="bicubic",  # timm resample_abs_pos_embed defaults
+        pos_embed_antialias=True,
+        global_pool=pool,
+        fc_norm=not _is_identity(model.fc_norm),
+        map_include_prefix=bool(model.pool_include_prefix),
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+    )
+
+
+def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Architecture from timm state-dict shapes. eps, activation and (without qk_norm) the head
+    count are not recorded in weights: they default to timm's ViT defaults (1e-6, exact GELU)
+    or must be passed as overrides (num_heads)."""
+    hints = sorted({hint for k in sd for pat, hint in _TIMM_KEY_HINTS.items() if pat in k})
+    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:
+        hints.append("SwiGLU / GLU MLP (packed fc1 twice as wide as fc2's input)")
+    if hints:
+        raise ValueError(f"unsupported timm ViT feature(s): {hints}")
+    missing = [k for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"not a timm VisionTransformer state dict: no {missing}")
+    w = sd["patch_embed.proj.weight"]
+    if w.dim() != 4 or w.shape[2] != w.shape[3]:
+        raise ValueError(f"unsupported timm patch embedding weight shape {tuple(w.shape)} (need square Conv2d patches)")
+    D, C, P = w.shape[0], w.shape[1], w.shape[2]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    class_token = "cls_token" in sd
+    reg_tokens = sd["reg_token"].shape[1] if "reg_token" in sd else 0
+    num_prefix = int(class_token) + reg_tokens
+
+    if "blocks.0.attn.q_norm.weight" in sd:
+        num_heads = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
+    elif "num_heads" in overrides:
+        num_heads = overrides["num_heads"]
+    else:
+        raise ValueError("num_heads cannot be read from a timm state dict without qk_norm: pass num_heads=...")
+
+    found: dict[str, Any] = dict(
+        patch_size=P,
+        in_chans=C,
+        embed_dim=D,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=_mlp_ratio(sd["blocks.0.mlp.fc1.weight"].shape[0], D),
+        qkv_bias="blocks.0.attn.qkv.bias" in sd,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        act="gelu",
+        norm_eps=1e-6,
+        pre_norm="norm_pre.weight" in sd,
+        class_token=class_token,
+        reg_tokens=reg_tokens,
+        pos_embed="learned2d" if "pos_embed" in sd else "none",
+        pos_embed_mode="bicubic",
+        pos_embed_antialias=True,
+        fc_norm="fc_norm.weight" in sd,
+        num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+        map_include_prefix=False,  # timm >= 1.0 AttentionPoolLatent sees patch tokens only
+    )
+    if "pos_embed" in sd:
+        T = sd["pos_embed"].shape[1]
+        # The table has entries for the prefix tokens unless no_embed_class; when not told,
+        # the reading that leaves a square grid wins (with-prefix first, as timm's default).
+        choices = [overrides["no_embed_class"]] if "no_embed_class" in overrides else [False, True]
+        for no_embed in choices:
+            G = math.isqrt(max(T - (0 if no_embed else num_prefix), 0))
+            if G * G == T - (0 if no_embed else num_prefix):
+                found.update(no_embed_class=no_embed, pos_embed_grid=G)
+                break
+        else:
+            raise ValueError(f"timm pos_embed with {T} entries is not a square grid (+{num_prefix} prefix tokens)")
+    if "attn_pool.latent" in sd:
+        found["global_pool"] = "map"
+    elif found["fc_norm"] or not class_token:
+        found["global_pool"] = "avg"
+    else:
+        found["global_pool"] = "token"
+    return found
+
+
+def config_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **overrides) -> NaViTConfig:
+    """NaViTConfig equivalent to a timm VisionTransformer (or its state dict + overrides).
+
+    Overrides replace any NaViTConfig field (e.g. out_indices, attn_kernel, drop_path_rate)."""
+    if isinstance(model_or_state_dict, nn.Module):
+        found = _timm_model_fields(model_or_state_dict)
+    else:
+        found = _timm_state_dict_fields(model_or_state_dict, overrides)
+    return _make_config(found, overrides)
+
+
+def convert_timm_state_dict(
+    state_dict: Mapping[str, torch.Tensor], cfg: NaViTConfig, reference: NaViT | None = None
+) -> dict[str, torch.Tensor]:
+    """timm VisionTransformer tensors -> NaViT state dict for ``cfg`` (see config_from_timm).
+    ``reference``: a NaViT built from cfg, to read target shapes without building another."""
+    sd = dict(state_dict)
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return sd[key]
+
+    D = cfg.embed_dim
+    out: dict[str, torch.Tensor] = {"patch_embed.weight": take("patch_embed.proj.weight").reshape(D, -1)}
+    if "patch_embed.proj.bias" in sd:  # CLIP-style (pre_norm) stems have none: zero-filled below
+        out["patch_embed.bias"] = take("patch_embed.proj.bias")
+
+    prefix = []
+    if "cls_token" in sd:
+        prefix.append(take("cls_token").reshape(-1, D))
+    if "reg_token" in sd:
+        prefix.append(take("reg_token").reshape(-1, D))
+    if prefix:
+        out["prefix_tokens"] = torch.cat(prefix, 0)
+
+    if "pos_embed" in sd:
+        table = take("pos_embed").reshape(-1, D)
+        n_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        if n_prefix:
+            out["prefix_pos"] = table[:n_prefix]
+        G = cfg.pos_embed_grid
+        if table.shape[0] - n_prefix != G * G:
+            raise ValueError(f"timm pos_embed has {table.shape[0] - n_prefix} grid entries, config expects {G}x{G}")
+        out["pos_embed.weight"] = table[n_prefix:].reshape(G, G, D)
+
+    # Everything else already uses NaViT's names (blocks.*, norm*, fc_norm, attn_pool.*, head).
+    expected = _expected_shapes(cfg, reference)
+    for key in sd:
+        if key not in used and key in expected:
+            out[key] = take(key)
+
+    unused = sorted(set(sd) - used)
+    if unused:
+        hints = sorted({hint for k in unused for pat, hint in _TIMM_KEY_HINTS.items() if pat in k})
+        raise ValueError(
+            "unsupported timm ViT feature(s)"
+            + (f" {hints}" if hints else "")
+            + f": no NaViT equivalent for weights {unused[:12]}{' ...' if len(unused) > 12 else ''}"
+        )
+    return _finish(out, expected, "timm")
+
+
+def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **overrides) -> NaViT:
+    """NaViT (eval mode) computing the same function as a timm VisionTransformer.
+
+    Pass the timm model itself (architecture read from its modules) or its state dict (shapes
+    give the architecture; pass num_heads, and norm_eps / act when not timm's defaults)."""
+    cfg = config_from_timm(model_or_state_dict, **overrides)
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    model = NaViT(cfg)
+    return _load(model, convert_timm_state_dict(sd, cfg, reference=model))
+
+
+# ---- HF transformers SigLIP2 (NaFlex) --------------------------------------------------------
+# transformers ACT2FN names -> NaViT activations ("gelu_new" / "gelu_pytorch_tanh" are the tanh form).
+_HF_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
+
+
+def _siglip2_vision_config(config: Any) -> Any:
+    config = getattr(config, "vision_config", config)  # a full Siglip2Config
+    if isinstance(config, Mapping):
+        from transformers import Siglip2VisionConfig
+
+        config = Siglip2VisionConfig(**config)
+    return config
+
+
+def config_from_siglip2(config: Any, **overrides) -> NaViTConfig:
+    """NaViTConfig equivalent to a Siglip2VisionConfig (or Siglip2Config, or its dict)."""
+    vc = _siglip2_vision_config(config)
+    P = vc.patch_size
+    if isinstance(P, (list, tuple)):
+        if P[0] != P[1]:
+            raise ValueError(f"unsupported SigLIP2 feature: non-square patch size {P}")
+        P = P[0]
+    G = math.isqrt(vc.num_patches)
+    if G * G != vc.num_patches:
+        raise ValueError(f"SigLIP2 num_patches={vc.num_patches} is not a square position grid")
+    if vc.hidden_act not in _HF_ACTS:
+        raise ValueError(f"unsupported SigLIP2 activation {vc.hidden_act!r}; supported: {sorted(_HF_ACTS)}")
+    use_head = getattr(vc, "vision_use_head", True)
+    found = dict(
+        patch_size=P,
+        in_chans=vc.num_channels,
+        embed_dim=vc.hidden_size,
+        depth=vc.num_hidden_layers,
+        num_heads=vc.num_attention_heads,
+        mlp_ratio=_mlp_ratio(vc.intermediate_size, vc.hidden_size),
+        qkv_bias=True,
+        act=_HF_ACTS[vc.hidden_act],
+        norm_eps=vc.layer_norm_eps,
+        class_token=False,
+        reg_tokens=0,
+        pos_embed="learned2d",
+        pos_embed_grid=G,
+        pos_embed_mode="bilinear",  # Siglip2VisionEmbeddings.resize_positional_embeddings
+        pos_embed_antialias=True,
+        # Without the MAP head SigLIP2 has no pooled output; NaViT then mean-pools.
+        global_pool="map" if use_head else "avg",
+        fc_norm=False,
+        num_classes=0,
+    )
+    return _make_config(found, overrides)
+
+
+def convert_siglip2_state_dict(
+    state_dict: Mapping[str, torch.Tensor], cfg: NaViTConfig, reference: NaViT | None = None
+) -> dict[str, torch.Tensor]:
+    """Siglip2VisionModel tensors (optionally under a 'vision_model.' prefix, as in a full
+    Siglip2Model checkpoint; text-tower keys are then ignored) -> NaViT state dict.
+    ``reference``: a NaViT built from cfg, to read target shapes without building another."""
+    sd = dict(state_dict)
+    if any(k.startswith("vision_model.") for k in sd):
+        sd = {k[len("vision_model.") :]: v for k, v in sd.items() if k.startswith("vision_model.")}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return sd[key]
+
+    D, P, C, G = cfg.embed_dim, cfg.patch_size, cfg.in_chans, cfg.pos_embed_grid
+    # NaFlex patches are flattened (py, px, c); NaViT's are (c, py, px).
+    w = take("embeddings.patch_embedding.weight")
+    out = {
+        "patch_embed.weight": w.reshape(D, P, P, C).permute(0, 3, 1, 2).reshape(D, C * P * P),
+        "patch_embed.bias": take("embeddings.patch_embedding.bias"),
+        # nn.Embedding(G*G, D) is read as a row-major (G, G, D) grid by SigLIP2.
+        "pos_embed.weight": take("embeddings.position_embedding.weight").reshape(G, G, D),
+        "norm.weight": take("post_layernorm.weight"),
+        "norm.bias": take("post_layernorm.bias"),
+    }
+    for i in range(cfg.depth):
+        src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
+        for a, b in [("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = take(f"{src}{a}.{p}")
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{p}"] = torch.cat([take(f"{src}self_attn.{n}_proj.{p}") for n in "qkv"], 0)
+    if cfg.global_pool == "map":
+        # nn.MultiheadAttention packs [q; k; v] rows in in_proj; MAPHead splits q from kv.
+        in_w, in_b = take("head.attention.in_proj_weight"), take("head.attention.in_proj_bias")
+        out.update({
+            "attn_pool.latent": take("head.probe").reshape(1, 1, D),
+            "attn_pool.q.weight": in_w[:D],
+            "attn_pool.q.bias": in_b[:D],
+            "attn_pool.kv.weight": in_w[D:],
+            "attn_pool.kv.bias": in_b[D:],
+        })
+        for a, b in [("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
+            for p in ("weight", "bias"):
+                out[f"attn_pool.{b}.{p}"] = take(f"head.{a}.{p}")
+    unused = sorted(set(sd) - used)
+    if unused:
+        raise ValueError(f"SigLIP2 weights with no NaViT equivalent (config mismatch?): {unused[:12]}")
+    return _finish(out, _expected_shapes(cfg, reference), "SigLIP2")
+
+
+def navit_from_siglip2(model_or_state_dict_and_config: Any, **overrides) -> NaViT:
+    """NaViT (eval mode) computing the same function as an HF Siglip2VisionModel (NaFlex).
+
+    Accepts a Siglip2VisionModel, a Siglip2Model (its vision tower is used), or a
+    ``(state_dict, config)`` pair. Feed it images packed by :func:`pack_images` with the
+    model's patch size; NaFlex's own resize rule is the one ``budget_grid`` implements."""
+    src = model_or_state_dict_and_config
+    if isinstance(src, nn.Module):
+        src = getattr(src, "vision_model", src)
+        sd, config = src.state_dict(), src.config
+    elif isinstance(src, (tuple, list)) and len(src) == 2:
+        sd, config = src
+    else:
+        raise TypeError("navit_from_siglip2 takes a Siglip2VisionModel / Siglip2Model or a (state_dict, config) pair")
+    cfg = config_from_siglip2(config, **overrides)
+    model = NaViT(cfg)
+    return _load(model, convert_siglip2_state_dict(sd, cfg, reference=model))

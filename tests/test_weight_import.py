@@ -1,0 +1,252 @@
+"""Weight import from timm VisionTransformer and HF Siglip2VisionModel: same inputs, same outputs.
+
+Reference models are randomly initialized (no hub downloads), then every parameter is
+perturbed so zero biases, unit norms and tiny LayerScale/cls inits cannot hide a mapping error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from navit_dense import pack_images
+from navit_dense.models.weight_import import (
+    config_from_timm,
+    navit_from_siglip2,
+    navit_from_timm,
+)
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
+from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches  # noqa: E402
+
+TOL = 1e-4
+SMALL = dict(embed_dim=64, depth=2, num_heads=4, img_size=64)
+
+
+def _perturb(model: nn.Module, seed: int = 1) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def _pack_exact(images, patch_size: int, num_prefix: int, seq_len: int | None = None):
+    """Pack images at exactly their own resolution (budget = their token count)."""
+    grids = [(im.shape[1] // patch_size, im.shape[2] // patch_size) for im in images]
+    budgets = [h * w for h, w in grids]
+    seq_len = seq_len or max(budgets) + num_prefix
+    batch = pack_images(images, patch_size, max_tokens=budgets, seq_len=seq_len, num_prefix_tokens=num_prefix)
+    assert batch.grid_sizes.tolist() == [list(g) for g in grids]
+    return batch
+
+
+def _timm_diffs(ref, ours, images) -> tuple[float, float, float]:
+    """Max abs diffs of (patch features, pre-logits pooled, head output), one timm call per image."""
+    batch = _pack_exact(images, ours.patch_size, ours.num_prefix_tokens)
+    with torch.no_grad():
+        out = ours(batch)
+        pre = ours.forward_head(out.tokens, batch, pre_logits=True)
+        feats, pres, logits = [], [], []
+        for im in images:
+            f = ref.forward_features(im[None])
+            feats.append(f[0, ref.num_prefix_tokens :])
+            pres.append(ref.forward_head(f, pre_logits=True)[0])
+            logits.append(ref.forward_head(f)[0])
+    d_feat = max((m.flatten(1).T - f).abs().max().item() for m, f in zip(out.feature_maps, feats))
+    d_pre = (pre - torch.stack(pres)).abs().max().item()
+    d_out = (out.pooled - torch.stack(logits)).abs().max().item()
+    return d_feat, d_pre, d_out
+
+
+# ---- timm ----------------------------------------------------------------------------------
+TIMM_CASES = [
+    # (id, model name, create kwargs, config fields the import must have found)
+    ("avg_no_cls", "vit_base_patch16_224", dict(SMALL, class_token=False, global_pool="avg"),
+     dict(class_token=False, global_pool="avg", fc_norm=True)),
+    ("gap_layerscale_nobias", "vit_medium_patch16_gap_256", SMALL,
+     dict(global_pool="avg", fc_norm=False, qkv_bias=False, init_values=1.0)),
+    ("reg4_no_embed_class", "vit_base_patch16_reg4_gap_256", SMALL,
+     dict(reg_tokens=4, class_token=False, no_embed_class=True)),
+    ("cls_reg2_qknorm_ls", "vit_base_patch16_224", dict(SMALL, reg_tokens=2, qk_norm=True, init_values=1e-5),
+     dict(class_token=True, reg_tokens=2, no_embed_class=False, qk_norm=True, global_pool="token")),
+    ("clip_prenorm_quickgelu", "vit_base_patch16_clip_quickgelu_224", SMALL,
+     dict(pre_norm=True, act="quick_gelu", norm_eps=1e-5)),
+    ("siglip_map", "vit_base_patch16_siglip_224", dict(SMALL, act_layer="gelu_tanh"),
+     dict(global_pool="map", act="gelu_tanh", class_token=False)),
+    ("reg4_map_odd_mlp", "vit_so150m_patch16_reg4_map_256", dict(SMALL, embed_dim=56),
+     dict(global_pool="map", reg_tokens=4, map_include_prefix=False)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,expect", [c[1:] for c in TIMM_CASES], ids=[c[0] for c in TIMM_CASES])
+def test_timm_equivalence(name, kwargs, expect):
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model(name, pretrained=False, **kwargs))
+    ours = navit_from_timm(ref)
+    for key, value in expect.items():
+        assert getattr(ours.cfg, key) == value, key
+    images = [torch.randn(3, 64, 64) for _ in range(2)]
+    diffs = _timm_diffs(ref, ours, images)
+    assert max(diffs) <= TOL, diffs
+
+
+def test_timm_vit_base_patch16_224():
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model("vit_base_patch16_224", pretrained=False))
+    ours = navit_from_timm(ref)
+    assert (ours.cfg.embed_dim, ours.cfg.depth, ours.cfg.num_heads, ours.cfg.num_classes) == (768, 12, 12, 1000)
+    assert ours.cfg.class_token and ours.cfg.global_pool == "token" and ours.cfg.pos_embed_grid == 14
+    diffs = _timm_diffs(ref, ours, [torch.randn(3, 224, 224)])
+    assert max(diffs) <= TOL, diffs
+
+
+def test_timm_map_prefix_choice_matters():
+    """timm's MAP pool ignores register tokens; attending to them (the NaViT default) is a
+    different function, so the imported config must switch it off."""
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model("vit_so150m_patch16_reg4_map_256", pretrained=False, **dict(SMALL, embed_dim=56)))
+    wrong = navit_from_timm(ref, map_include_prefix=True)
+    assert _timm_diffs(ref, wrong, [torch.randn(3, 64, 64)])[1] > 1e-3
+
+
+def test_timm_state_dict_path_matches_model_path():
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, **SMALL))
+    from_model = navit_from_timm(ref)
+    # eps, activation and head count are not in the weights: pass them.
+    from_sd = navit_from_timm(ref.state_dict(), num_heads=4, norm_eps=1e-5, act="quick_gelu")
+    assert from_sd.cfg == from_model.cfg
+    a, b = from_model.state_dict(), from_sd.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "mask_token")
+    assert max(_timm_diffs(ref, from_sd, [torch.randn(3, 64, 64)])) <= TOL
+
+
+def test_timm_other_resolutions_match_dynamic_img_size():
+    """Off the checkpoint grid NaViT resizes the table like timm's dynamic_img_size
+    (bicubic + antialias), so features still match; several sizes share one packed batch."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_base_patch16_224", pretrained=False, dynamic_img_size=True, reg_tokens=1, **SMALL)
+    ref = _perturb(ref)
+    ours = navit_from_timm(ref)
+    images = [torch.randn(3, 48, 80), torch.randn(3, 112, 96), torch.randn(3, 32, 32)]  # grids 3x5, 7x6, 2x2 vs 4x4
+    batch = _pack_exact(images, 16, ours.num_prefix_tokens, seq_len=64)
+    assert batch.num_sequences < len(images)  # at least two images share a sequence
+    with torch.no_grad():
+        out = ours(batch)
+        for im, fmap, pooled in zip(images, out.feature_maps, out.pooled):
+            assert torch.isfinite(fmap).all()
+            f = ref.forward_features(im[None])
+            assert (fmap.flatten(1).T - f[0, ref.num_prefix_tokens :]).abs().max().item() <= TOL
+            assert (pooled - ref.forward_head(f)[0]).abs().max().item() <= TOL
+
+
+def test_timm_unsupported_features_are_named():
+    from timm.layers import SwiGLUPacked
+
+    rope = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL)
+    with pytest.raises(ValueError, match="rope"):
+        navit_from_timm(rope)
+    swiglu = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, **SMALL
+    )
+    for source in (swiglu, swiglu.state_dict()):
+        with pytest.raises(ValueError, match="SwiGLU"):
+            navit_from_timm(source, num_heads=4)
+    no_cls = timm.create_model("vit_base_patch16_224", pretrained=False, class_token=False, global_pool="avg", **SMALL)
+    with pytest.raises(ValueError, match="class token"):
+        config_from_timm(no_cls.state_dict(), num_heads=4, global_pool="token")
+    with pytest.raises(ValueError, match="num_heads"):
+        config_from_timm(no_cls.state_dict())
+    avgmax = timm.create_model("vit_base_patch16_224", pretrained=False, global_pool="avgmax", **SMALL)
+    with pytest.raises(ValueError, match="avgmax"):
+        navit_from_timm(avgmax)
+
+
+# ---- HF SigLIP2 (NaFlex) ---------------------------------------------------------------------
+P = 8
+SIGLIP_SMALL = dict(
+    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, patch_size=P, num_patches=64
+)
+
+
+def _siglip2_inputs(images, grids):
+    """NaFlex inputs built with transformers' own patch cutter, padded to the longest image."""
+    L = max(h * w for h, w in grids)
+    pixel_values = torch.zeros(len(images), L, 3 * P * P)
+    mask = torch.zeros(len(images), L, dtype=torch.long)
+    for i, (im, (h, w)) in enumerate(zip(images, grids)):
+        pixel_values[i, : h * w] = convert_image_to_patches(im, P)
+        mask[i, : h * w] = 1
+    return dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=torch.tensor(grids))
+
+
+def _siglip2_diffs(ref, ours, grids, seq_len):
+    images = [torch.randn(3, h * P, w * P) for h, w in grids]
+    batch = _pack_exact(images, P, 0, seq_len=seq_len)
+    inputs = _siglip2_inputs(images, grids)
+    # Our (c, py, px) patches are NaFlex's (py, px, c) patches, permuted.
+    for i, (h, w) in enumerate(grids):
+        ours_i = batch.patches[batch.seq_index[i], batch.seq_offset[i] : batch.seq_offset[i] + h * w]
+        as_naflex = ours_i.view(h * w, 3, P, P).permute(0, 2, 3, 1).reshape(h * w, -1)
+        assert torch.equal(as_naflex, inputs["pixel_values"][i, : h * w])
+    with torch.no_grad():
+        hf = ref(**inputs)
+        out = ours(batch)
+    d_feat = max(
+        (m.flatten(1).T - hf.last_hidden_state[i, : h * w]).abs().max().item()
+        for i, (m, (h, w)) in enumerate(zip(out.feature_maps, grids))
+    )
+    d_pool = (out.pooled - hf.pooler_output).abs().max().item() if hf.pooler_output is not None else 0.0
+    return batch, d_feat, d_pool
+
+
+@pytest.fixture(scope="module")
+def siglip2():
+    torch.manual_seed(0)
+    return _perturb(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_SMALL)))
+
+
+def test_siglip2_mixed_aspect_batch(siglip2):
+    ours = navit_from_siglip2(siglip2)
+    cfg = ours.cfg
+    assert (cfg.pos_embed_mode, cfg.pos_embed_grid, cfg.act, cfg.global_pool) == ("bilinear", 8, "gelu_tanh", "map")
+    # Within the checkpoint's 64-patch budget: the table's own 8x8 grid and two non-square grids.
+    batch, d_feat, d_pool = _siglip2_diffs(siglip2, ours, [(8, 8), (5, 12), (12, 5)], seq_len=128)
+    assert batch.num_sequences < 3  # images of different shapes packed into shared sequences
+    assert d_feat <= TOL and d_pool <= TOL, (d_feat, d_pool)
+
+
+def test_siglip2_other_resolutions(siglip2):
+    ours = navit_from_siglip2(siglip2)
+    # Beyond the table (upsampled positions) and far below it.
+    batch, d_feat, d_pool = _siglip2_diffs(siglip2, ours, [(10, 13), (3, 7)], seq_len=160)
+    assert d_feat <= TOL and d_pool <= TOL, (d_feat, d_pool)
+    # The resize mode is part of the function: timm's bicubic would not reproduce SigLIP2.
+    wrong = navit_from_siglip2(siglip2, pos_embed_mode="bicubic")
+    assert _siglip2_diffs(siglip2, wrong, [(10, 13)], seq_len=160)[1] > 1e-3
+
+
+def test_siglip2_sources_and_no_head():
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    full = _perturb(Siglip2Model(Siglip2Config(text_config=text, vision_config=SIGLIP_SMALL)))
+    reference = navit_from_siglip2(full.vision_model).state_dict()
+    # A full Siglip2Model, and a (state dict with 'vision_model.' + text keys, config) pair.
+    for source in (full, (full.state_dict(), full.config)):
+        sd = navit_from_siglip2(source).state_dict()
+        assert all(torch.equal(sd[k], reference[k]) for k in reference if k != "mask_token")
+
+    headless = _perturb(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_SMALL, vision_use_head=False)))
+    ours = navit_from_siglip2(headless)
+    assert ours.attn_pool is None
+    assert _siglip2_diffs(headless, ours, [(6, 9)], seq_len=64)[1] <= TOL
+
+
+def test_siglip2_unsupported_configs():
+    for bad, match in [(dict(num_patches=60), "square"), (dict(hidden_act="relu"), "activation")]:
+        with pytest.raises(ValueError, match=match):
+            navit_from_siglip2(Siglip2VisionModel(Siglip2VisionConfig(**{**SIGLIP_SMALL, **bad})))
