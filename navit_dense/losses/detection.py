@@ -1,0 +1,210 @@
+"""Set-prediction detection loss for the OWL head: Hungarian matching, sigmoid focal
+classification with LVIS federated category masks, L1 + GIoU box losses, objectness.
+
+Targets are one dict per image, in the order the images were packed:
+    "labels": long [G] class indices (0..K-1)
+    "boxes": float [G, 4] normalized (cx, cy, w, h) in [0, 1] of the image's extent
+optional:
+    "class_mask": bool [K] categories whose classification loss counts (federated loss)
+    "neg_labels": long [*] categories verified absent (LVIS neg_category_ids)
+    "not_exhaustive_labels": long [*] categories with unlabeled instances (LVIS not_exhaustive_category_ids)
+    "image_id": int, keys federated sampling so it is reproducible
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+
+from ..models.owl_head import OwlOutput
+
+
+def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """[T, K] logits, [G] labels -> [T, G]: focal loss of calling token t class labels[g]
+    minus that of calling it background (Deformable DETR's matching cost)."""
+    prob = logits.sigmoid()[:, labels]
+    pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    neg = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+    return pos - neg
+
+
+class HungarianMatcher:
+    """One-to-one assignment of predictions to ground truth per image, minimizing
+    w_cls * focal class cost + w_l1 * L1(cxcywh) + w_giou * (-GIoU)."""
+
+    def __init__(self, cost_class: float = 2.0, cost_l1: float = 5.0, cost_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0):
+        self.cost_class, self.cost_l1, self.cost_giou = cost_class, cost_l1, cost_giou
+        self.alpha, self.gamma = alpha, gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, logits: torch.Tensor, boxes: torch.Tensor, gt_labels: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+        """[T, K] logits, [T, 4] and [G, 4] cxcywh boxes, [G] labels -> float [T, G]."""
+        logits, boxes, gt_boxes = logits.float(), boxes.float(), gt_boxes.float()
+        cls = focal_class_cost(logits, gt_labels, self.alpha, self.gamma)
+        l1 = torch.cdist(boxes, gt_boxes, p=1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"))
+        return self.cost_class * cls + self.cost_l1 * l1 - self.cost_giou * giou
+
+    @torch.no_grad()
+    def match(self, logits, boxes, gt_labels, gt_boxes) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction rows, gt indices), long [M] each, M = min(T, G)."""
+        if len(gt_labels) == 0 or len(boxes) == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
+            return empty, empty.clone()
+        cost = self.cost_matrix(logits, boxes, gt_labels, gt_boxes)
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        as_long = lambda a: torch.as_tensor(a, dtype=torch.long, device=boxes.device)  # noqa: E731
+        return as_long(rows), as_long(cols)
+
+    def __call__(self, outputs: OwlOutput, targets: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: (rows local to that image's slice of ``outputs``, gt indices)."""
+        logits, boxes = outputs.split("logits"), outputs.split("pred_boxes")
+        return [self.match(lg, bx, t["labels"], t["boxes"]) for lg, bx, t in zip(logits, boxes, targets)]
+
+
+# ---- federated category masks (LVIS) -----------------------------------------------------
+class FederatedClassSampler:
+    """Per-image bool [K] mask of the categories whose classification loss counts: the
+    image's positives, its verified negatives, and ``num_sampled`` more categories drawn
+    without replacement with probability proportional to image_count ** power (Zhou et al.,
+    "Probabilistic two-stage detection"; detectron2 federated loss uses power 0.5).
+    Draws are keyed by (seed, *key) so they do not depend on call order or worker layout."""
+
+    def __init__(self, image_counts: Sequence[int] | np.ndarray, num_sampled: int = 50, power: float = 0.5, seed: int = 0):
+        counts = np.asarray(image_counts, dtype=np.float64)
+        if counts.ndim != 1 or (counts < 0).any():
+            raise ValueError("image_counts must be a 1-D array of non-negative per-category image counts")
+        self.weights = counts**power  # categories never seen in training get weight 0: never sampled
+        self.num_classes = len(counts)
+        self.num_sampled = num_sampled
+        self.seed = seed
+
+    def __call__(self, positive: torch.Tensor, negative: torch.Tensor | None = None, key: Sequence[int] = ()) -> torch.Tensor:
+        mask = np.zeros(self.num_classes, dtype=bool)
+        mask[np.asarray(positive.cpu() if torch.is_tensor(positive) else positive, dtype=np.int64)] = True
+        if negative is not None:
+            mask[np.asarray(negative.cpu() if torch.is_tensor(negative) else negative, dtype=np.int64)] = True
+        weights = np.where(mask, 0.0, self.weights)
+        candidates = np.flatnonzero(weights > 0)
+        n = min(self.num_sampled, len(candidates))
+        if n:
+            rng = np.random.default_rng([self.seed, *[int(k) for k in key]])
+            mask[rng.choice(candidates, size=n, replace=False, p=weights[candidates] / weights[candidates].sum())] = True
+        return torch.from_numpy(mask)
+
+
+def global_num_boxes(targets: Sequence[dict], device: torch.device | str = "cpu") -> float:
+    """Average number of GT boxes per process (DETR convention): all-reduced under
+    torch.distributed, so every rank normalizes by the same count. Pass as ``num_boxes``."""
+    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n = n / dist.get_world_size()
+    return max(float(n), 1.0)
+
+
+class DetectionLoss(nn.Module):
+    """Hungarian-matched set loss for :class:`~navit_dense.models.owl_head.OwlOutput`.
+
+    Returns {"loss": weighted total, "loss_cls", "loss_l1", "loss_giou", "loss_objectness"}
+    (components unweighted), each summed over the batch and divided by ``num_boxes``.
+
+    Classification: sigmoid focal loss over [T, K] logits with target 1 at (matched token,
+    its GT class). Entry (t, c) counts only if c is in the image's class mask (``class_mask``
+    in the target, else sampled by ``federated``, else all classes) and, for categories in
+    ``not_exhaustive_labels``, only where it is a matched positive: unlabeled instances of such
+    categories may be what an unmatched token sees, so they never get a false-positive push.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher | None = None,
+        weight_cls: float = 2.0,
+        weight_l1: float = 5.0,
+        weight_giou: float = 2.0,
+        weight_objectness: float = 1.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        federated: FederatedClassSampler | None = None,
+    ):
+        super().__init__()
+        self.matcher = matcher or HungarianMatcher(weight_cls, weight_l1, weight_giou, focal_alpha, focal_gamma)
+        self.weights = {"loss_cls": weight_cls, "loss_l1": weight_l1, "loss_giou": weight_giou, "loss_objectness": weight_objectness}
+        self.alpha, self.gamma = focal_alpha, focal_gamma
+        self.federated = federated
+        self._calls = 0
+
+    def class_masks(
+        self, targets: Sequence[dict], num_classes: int, step: int | None = None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counted [N, K], not_exhaustive [N, K]) bool masks, positives always counted."""
+        step = self._calls if step is None else step
+        counted = torch.ones(len(targets), num_classes, dtype=torch.bool)
+        not_exh = torch.zeros(len(targets), num_classes, dtype=torch.bool)
+        for i, t in enumerate(targets):
+            if "class_mask" in t:
+                counted[i] = t["class_mask"].cpu()
+            elif self.federated is not None:
+                counted[i] = self.federated(t["labels"], t.get("neg_labels"), key=(step, int(t.get("image_id", i))))
+            counted[i, t["labels"].cpu()] = True
+            if "not_exhaustive_labels" in t:
+                not_exh[i, t["not_exhaustive_labels"].cpu()] = True
+        return counted.to(device), not_exh.to(device)
+
+    def forward(
+        self,
+        outputs: OwlOutput,
+        targets: Sequence[dict],
+        num_boxes: float | None = None,
+        step: int | None = None,
+        matches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """num_boxes: normalizer; default the local GT count (use :func:`global_num_boxes`
+        under DDP). step: keys federated sampling (default: an internal call counter).
+        matches: reuse a precomputed matching."""
+        if len(targets) != outputs.num_images:
+            raise ValueError(f"{len(targets)} targets for {outputs.num_images} images")
+        logits, device = outputs.logits, outputs.logits.device
+        T, K = logits.shape
+        if matches is None:
+            matches = self.matcher(outputs, targets)
+        if num_boxes is None:
+            num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+
+        offsets = outputs.offsets.tolist()
+        rows = torch.cat([offsets[i] + r for i, (r, _) in enumerate(matches)]).to(device)
+        gt_labels = torch.cat([t["labels"].to(device)[g] for t, (_, g) in zip(targets, matches)])
+        gt_boxes = torch.cat([t["boxes"].to(device, outputs.pred_boxes.dtype)[g] for t, (_, g) in zip(targets, matches)])
+
+        cls_target = torch.zeros_like(logits)
+        cls_target[rows, gt_labels] = 1.0
+        counted, not_exh = self.class_masks(targets, K, step, device)
+        img = outputs.image_index
+        weight = counted[img] & ~(not_exh[img] & (cls_target == 0))
+        focal = sigmoid_focal_loss(logits, cls_target, self.alpha, self.gamma, reduction="none")
+        losses = {"loss_cls": (focal * weight).sum() / num_boxes}
+
+        pred = outputs.pred_boxes[rows]
+        losses["loss_l1"] = F.l1_loss(pred, gt_boxes, reduction="sum") / num_boxes
+        losses["loss_giou"] = (
+            generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"), reduction="sum")
+            / num_boxes
+        )
+        if outputs.objectness is not None:
+            obj_target = torch.zeros_like(outputs.objectness)
+            obj_target[rows] = 1.0
+            losses["loss_objectness"] = (
+                sigmoid_focal_loss(outputs.objectness, obj_target, self.alpha, self.gamma, reduction="sum") / num_boxes
+            )
+        else:
+            losses["loss_objectness"] = logits.new_zeros(())
+        losses["loss"] = sum(self.weights[k] * v for k, v in losses.items())
+        self._calls += 1
+        return losses

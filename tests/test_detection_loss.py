@@ -1,0 +1,167 @@
+"""Hungarian matching against brute force, federated category masks, and the loss terms."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torchvision.ops import box_convert, generalized_box_iou
+
+from navit_dense.losses.detection import (
+    DetectionLoss,
+    FederatedClassSampler,
+    HungarianMatcher,
+    focal_class_cost,
+    global_num_boxes,
+)
+from navit_dense.models.owl_head import OwlOutput
+
+
+def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
+    """Valid normalized cxcywh boxes."""
+    centre = torch.rand(n, 2, generator=g) * 0.8 + 0.1
+    size = torch.rand(n, 2, generator=g) * 0.3 + 0.02
+    return torch.cat([centre, size], 1)
+
+
+def make_output(logits: torch.Tensor, boxes: torch.Tensor, counts: list[int], objectness: torch.Tensor | None = None) -> OwlOutput:
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    token_index = torch.cat([torch.arange(c) for c in counts])
+    return OwlOutput(logits, boxes, objectness, torch.zeros(len(logits), 1), image_index, token_index, offsets)
+
+
+@given(T=st.integers(1, 5), G=st.integers(0, 5), K=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_matcher_equals_brute_force(T, G, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits, boxes = torch.randn(T, K, generator=g) * 2, random_boxes(T, g)
+    labels, gt = torch.randint(0, K, (G,), generator=g), random_boxes(G, g)
+    matcher = HungarianMatcher()
+    rows, cols = matcher.match(logits, boxes, labels, gt)
+    M = min(T, G)
+    assert len(rows) == len(cols) == M
+    assert len(set(rows.tolist())) == M and len(set(cols.tolist())) == M
+    if M == 0:
+        return
+    cost = matcher.cost_matrix(logits, boxes, labels, gt).double()
+    if G <= T:  # every GT gets a distinct prediction
+        best = min(sum(cost[p[j], j] for j in range(G)) for p in itertools.permutations(range(T), G))
+    else:  # every prediction gets a distinct GT
+        best = min(sum(cost[i, p[i]] for i in range(T)) for p in itertools.permutations(range(G), T))
+    assert float(cost[rows, cols].sum()) == pytest.approx(float(best), abs=1e-6)
+
+
+def test_cost_matrix_terms():
+    g = torch.Generator().manual_seed(0)
+    logits, boxes, gt = torch.randn(4, 3, generator=g), random_boxes(4, g), random_boxes(2, g)
+    labels = torch.tensor([2, 0])
+    l1 = HungarianMatcher(cost_class=0, cost_l1=1, cost_giou=0).cost_matrix(logits, boxes, labels, gt)
+    assert torch.allclose(l1, (boxes[:, None] - gt[None]).abs().sum(-1))
+    giou = HungarianMatcher(cost_class=0, cost_l1=0, cost_giou=1).cost_matrix(logits, boxes, labels, gt)
+    assert torch.allclose(giou, -generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
+    cls = HungarianMatcher(cost_class=1, cost_l1=0, cost_giou=0).cost_matrix(logits, boxes, labels, gt)
+    assert torch.allclose(cls, focal_class_cost(logits, labels))
+    # A confident correct prediction is cheaper than a confident wrong one.
+    c = focal_class_cost(torch.tensor([[8.0, -8.0], [-8.0, 8.0]]), torch.tensor([0]))
+    assert c[0, 0] < 0 < c[1, 0]
+
+
+def test_federated_sampler_semantics():
+    counts = np.array([0, 1, 4, 100, 100, 9, 25, 0])
+    sampler = FederatedClassSampler(counts, num_sampled=3, seed=5)
+    pos, neg = torch.tensor([2]), torch.tensor([5, 7])
+    mask = sampler(pos, neg, key=(0, 11))
+    assert mask.dtype == torch.bool and mask.shape == (8,)
+    assert mask[[2, 5, 7]].all()  # positives and verified negatives always count (even a zero-count negative)
+    assert int(mask.sum()) == 3 + 3  # plus exactly num_sampled others
+    assert not mask[0]  # categories never seen in training are never sampled
+    assert torch.equal(mask, sampler(pos, neg, key=(0, 11)))  # keyed: reproducible
+    assert any(not torch.equal(mask, sampler(pos, neg, key=(0, k))) for k in range(20))
+    # Fewer candidates than num_sampled: all of them.
+    assert int(FederatedClassSampler(counts, num_sampled=50)(pos, neg, key=(1,)).sum()) == 7
+    # Probability proportional to count ** 0.5: 1 vs 100 images -> 1 : 10.
+    two = FederatedClassSampler(np.array([1, 100, 5]), num_sampled=1, seed=0)
+    hits = sum(bool(two(torch.tensor([2]), None, key=(k,))[1]) for k in range(2000))
+    assert abs(hits / 2000 - 10 / 11) < 0.03
+
+
+def one_image_setup():
+    """Image with 2 GT (classes 1 and 3), 4 tokens, 5 classes; tokens 0 and 2 match."""
+    logits = torch.zeros(4, 5, requires_grad=True)
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.1, 0.1], [0.7, 0.2, 0.2, 0.3], [0.1, 0.9, 0.1, 0.1]])
+    target = {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.2, 0.2, 0.3]])}
+    return logits, boxes, target
+
+
+def test_federated_and_not_exhaustive_masking_of_the_class_loss():
+    logits, boxes, target = one_image_setup()
+    target |= {"class_mask": torch.tensor([True, False, False, False, True]), "not_exhaustive_labels": torch.tensor([3, 4])}
+    loss = DetectionLoss(weight_l1=0, weight_giou=0, weight_objectness=0)
+    matches = [(torch.tensor([0, 2]), torch.tensor([0, 1]))]
+    loss(make_output(logits, boxes, [4]), [target], matches=matches)["loss_cls"].backward()
+    g = logits.grad != 0
+    # class 2: outside the mask -> no gradient anywhere
+    assert not g[:, 2].any()
+    # classes 1, 3: positives are always counted even if the given mask omits them
+    assert g[:, 1].all()
+    # class 3 is positive but not exhaustive: only its matched positive (token 2) gets gradient
+    assert g[:, 3].tolist() == [False, False, True, False]
+    # class 4: counted but not exhaustive and never positive -> no false-positive gradient at all
+    assert not g[:, 4].any()
+    # class 0: sampled negative, every token pushed down
+    assert g[:, 0].all() and (logits.grad[:, 0] > 0).all()
+
+
+def test_loss_uses_federated_sampler_when_no_mask_is_given():
+    logits, boxes, target = one_image_setup()
+    target |= {"neg_labels": torch.tensor([0]), "image_id": 17}
+    sampler = FederatedClassSampler(np.array([10, 10, 10, 10, 10]), num_sampled=1, seed=0)
+    loss = DetectionLoss(federated=sampler)
+    loss(make_output(logits, boxes, [4]), [target], step=3)["loss"].backward()
+    counted = (logits.grad != 0).any(0)
+    assert torch.equal(counted, sampler(target["labels"], target["neg_labels"], key=(3, 17)))
+    assert int(counted.sum()) == 4
+
+
+def test_box_losses_normalization_and_empty_images():
+    g = torch.Generator().manual_seed(0)
+    counts = [6, 3]
+    logits = torch.randn(9, 4, generator=g, requires_grad=True)
+    raw = torch.randn(9, 4, generator=g, requires_grad=True)
+    obj = torch.randn(9, generator=g, requires_grad=True)
+    out = make_output(logits, raw.sigmoid() * 0.5 + 0.1, counts, obj)
+    targets = [
+        {"labels": torch.tensor([1, 2, 2]), "boxes": random_boxes(3, g)},
+        {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)},
+    ]
+    crit = DetectionLoss()
+    a = crit(out, targets)
+    b = crit(out, targets, num_boxes=6.0)
+    for k in ("loss_cls", "loss_l1", "loss_giou", "loss_objectness", "loss"):
+        assert torch.isfinite(a[k]) and torch.isclose(b[k], a[k] / 2), k
+    a["loss"].backward()
+    assert raw.grad[:6].abs().sum() > 0 and raw.grad[6:].abs().sum() == 0  # no GT in image 1: no box gradient there
+    assert logits.grad[6:].abs().sum() > 0 and obj.grad[6:].abs().sum() > 0  # but its tokens are negatives
+    # Matched L1 by hand.
+    rows, cols = crit.matcher(out, targets)[0]
+    expected = (out.pred_boxes[rows] - targets[0]["boxes"][cols]).abs().sum() / 3
+    assert torch.isclose(a["loss_l1"], expected)
+    # Total = weighted sum of components.
+    w = crit.weights
+    assert torch.isclose(a["loss"], sum(w[k] * a[k] for k in w))
+    assert global_num_boxes(targets) == 3.0
+    assert global_num_boxes(targets[1:]) == 1.0  # clamped: never divide by zero
+    with pytest.raises(ValueError, match="targets for"):
+        crit(out, targets[:1])
+
+
+def test_more_gt_than_tokens_matches_what_it_can():
+    g = torch.Generator().manual_seed(1)
+    out = make_output(torch.randn(2, 3, generator=g), random_boxes(2, g), [2])
+    target = {"labels": torch.tensor([0, 1, 2, 0]), "boxes": random_boxes(4, g)}
+    losses = DetectionLoss()(out, [target])
+    assert all(torch.isfinite(v) for v in losses.values())
