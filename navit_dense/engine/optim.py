@@ -1,0 +1,118 @@
+"""AdamW with layer-wise lr decay and weight-decay exclusions, warmup + cosine, weight EMA."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+from ..models import NaViT
+
+
+def find_backbone(model: nn.Module) -> tuple[str, NaViT | None]:
+    """(parameter-name prefix, module) of the first NaViT inside a task model."""
+    for name, module in model.named_modules():
+        if isinstance(module, NaViT):
+            return (name + "." if name else ""), module
+    return "", None
+
+
+# Parts of NaViT that act before the first block: layer 0 of layer-wise lr decay.
+_EMBEDDING_PARTS = {"patch_embed", "pos_embed", "prefix_tokens", "prefix_pos", "norm_pre"}
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer}, number of layers). Embeddings are layer 0, block i is layer
+    i + 1, and everything after the last block (final norm, pooling, task heads) is the last
+    layer. Without a NaViT every parameter is in the last layer (no decay)."""
+    prefix, backbone = find_backbone(model)
+    depth = len(backbone.blocks) if backbone is not None else 0
+    last = depth + 1
+    ids = {}
+    for name, _ in model.named_parameters():
+        layer = last
+        if backbone is not None and name.startswith(prefix):
+            parts = name[len(prefix) :].split(".")
+            if parts[0] == "blocks":
+                layer = int(parts[1]) + 1
+            elif parts[0] in _EMBEDDING_PARTS:
+                layer = 0
+        ids[name] = layer
+    return ids, last + 1
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names listed by any submodule's no_weight_decay(), plus biases and 1-d parameters (norms, scales)."""
+    listed = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay") and callable(module.no_weight_decay):
+            listed |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    out = set()
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name.endswith(".bias") or any(name == n or name.startswith(n + ".") for n in listed):
+            out.add(name)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """One group per (layer, decay or not), each with ``lr_scale`` = layer_decay ** (last - layer)."""
+    ids, num_layers = layer_ids(model)
+    skip = no_weight_decay_names(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decay = ids[name], name not in skip
+        group = groups.setdefault(
+            (layer, decay),
+            dict(params=[], names=[], layer=layer, weight_decay=weight_decay if decay else 0.0, lr_scale=layer_decay ** (num_layers - 1 - layer)),
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup reaching 1
+    at step warmup - 1, then cosine down to min_ratio at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, min_ratio = cfg.warmup_steps, cfg.min_lr_ratio
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, min_ratio))
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights, kept as a full copy for evaluation:
+    ema = decay * ema + (1 - decay) * weights after every optimizer update."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema, live in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema.is_floating_point():
+                ema.lerp_(live.to(ema.dtype), 1.0 - self.decay)
+            else:
+                ema.copy_(live)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)

@@ -1,0 +1,155 @@
+"""Token-budget batching, the same on every rank.
+
+Every rank computes the same epoch plan from the seed alone (no communication):
+
+1. shuffle the image indices (seed, epoch);
+2. give each image its token budget (fixed, or sampled per epoch with a ResolutionSampler)
+   and its token cost from its size alone (``budget_grid``, before any decoding);
+3. cut the order into GLOBAL micro-batches of about ``tokens_per_batch`` tokens (never fewer
+   images than ranks), and group ``grad_accum`` of them into one optimizer step; the
+   incomplete tail is dropped while training so every rank runs the same number of steps;
+4. split each micro-batch across ranks by tokens (longest first onto the least loaded rank),
+   so ranks get near-equal token counts, and yield this rank's share.
+
+The union of the shards of a micro-batch is exactly the batch a single process would see.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from ..data import ResolutionSampler, TokenDrop, budget_grid
+
+
+class SampleKey(NamedTuple):
+    """What the data loader asks the dataset for: the image and how to pack it."""
+
+    index: int
+    budget: int  # per-image token budget (max_tokens for pack_images)
+    seed: int  # pack_images seed of this rank's micro-batch (token dropping)
+    epoch: int
+    step: int  # optimizer step within the epoch
+    micro: int  # micro-batch within the step
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _grid_tokens(height: int, width: int, patch_size: int, budget: int) -> int:
+    h, w = budget_grid(height, width, patch_size, budget)
+    return h * w
+
+
+def expected_kept(num_tokens: int, token_drop: TokenDrop | None) -> int:
+    """Tokens an image keeps after dropping: exact for constant/resolution modes, the mean
+    for beta (its rate is only drawn at packing time)."""
+    if token_drop is None:
+        return num_tokens
+    if token_drop.mode == "beta":
+        rate = token_drop.alpha / (token_drop.alpha + token_drop.beta) * token_drop.max_rate
+    else:
+        rate = token_drop.sample_rate(None, num_tokens)  # needs no rng in these modes
+    return max(1, int(round(num_tokens * (1.0 - rate))))
+
+
+def shard_by_tokens(items: Sequence[int], costs: Sequence[int], world_size: int) -> list[list[int]]:
+    """Split items over ranks with near-equal total cost; each shard keeps the input order."""
+    loads = [(0, 0, r) for r in range(world_size)]  # (tokens, images, rank)
+    owner = {}
+    for pos in sorted(range(len(items)), key=lambda p: (-costs[p], p)):
+        load, count, r = min(loads)
+        loads[r] = (load + costs[pos], count + 1, r)
+        owner[pos] = r
+    return [[items[p] for p in range(len(items)) if owner[p] == r] for r in range(world_size)]
+
+
+class TokenBudgetSampler:
+    """Batch sampler yielding lists of :class:`SampleKey` (one list per micro-batch of this rank)."""
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        *,
+        patch_size: int,
+        max_tokens_per_image: int,
+        tokens_per_batch: int,
+        num_prefix_tokens: int = 0,
+        grad_accum: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        train: bool = True,
+        resolution: ResolutionSampler | None = None,
+        token_drop: TokenDrop | None = None,
+    ):
+        if not sizes:
+            raise ValueError("the dataset is empty")
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
+        self.patch_size = patch_size
+        self.max_tokens_per_image = max_tokens_per_image
+        self.tokens_per_batch = tokens_per_batch
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grad_accum = grad_accum if train else 1
+        self.world_size, self.rank = world_size, rank
+        self.seed = seed
+        self.train = train
+        self.resolution = resolution
+        self.token_drop = token_drop if train else None
+        self.epoch, self.start_step = 0, 0
+        self._plans: dict[int, tuple[list[int], list[int], list[list[list[int]]]]] = {}
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch; ``start_step`` skips the steps a resumed run has already done."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def budgets(self, epoch: int) -> list[int]:
+        if self.resolution is None:
+            return [self.max_tokens_per_image] * len(self.sizes)
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        sides = [self.resolution.sample(rng) for _ in self.sizes]
+        return [min(self.resolution.max_tokens(s, self.patch_size), self.max_tokens_per_image) for s in sides]
+
+    def plan(self, epoch: int) -> tuple[list[int], list[int], list[list[list[int]]]]:
+        """(budgets, costs, steps): steps[s][m] lists the image indices of GLOBAL micro-batch m of step s."""
+        if epoch not in self._plans:
+            budgets = self.budgets(epoch)
+            costs = [
+                expected_kept(_grid_tokens(h, w, self.patch_size, b), self.token_drop) + self.num_prefix_tokens
+                for (h, w), b in zip(self.sizes, budgets)
+            ]
+            if self.train:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes)).tolist()
+            else:
+                order = list(range(len(self.sizes)))
+            micros, current, tokens = [], [], 0
+            for i in order:
+                if current and tokens + costs[i] > self.tokens_per_batch and len(current) >= self.world_size:
+                    micros.append(current)
+                    current, tokens = [], 0
+                current.append(i)
+                tokens += costs[i]
+            if current and not self.train:  # training drops the incomplete tail
+                micros.append(current)
+            k = self.grad_accum
+            steps = [micros[j : j + k] for j in range(0, len(micros) - len(micros) % k, k)]
+            self._plans = {epoch: (budgets, costs, steps)}  # keep only the current epoch
+        return self._plans[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.plan(epoch)[2])
+
+    def _shards(self) -> Iterator[list[SampleKey]]:
+        budgets, costs, steps = self.plan(self.epoch)
+        for s in range(self.start_step, len(steps)):
+            for m, micro in enumerate(steps[s]):
+                mine = shard_by_tokens(micro, [costs[i] for i in micro], self.world_size)[self.rank]
+                seed = int(np.random.SeedSequence([self.seed, self.epoch, s, m, self.rank]).generate_state(1)[0])
+                if mine:  # only evaluation can leave a rank without images
+                    yield [SampleKey(i, budgets[i], seed, self.epoch, s, m) for i in mine]
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return self._shards()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._shards())

@@ -1,0 +1,145 @@
+"""The task interface: everything task-specific the engine needs, and the task registry.
+
+A task (classification, detection, segmentation, ...) declares the dataclasses of its
+``model`` and ``data`` config sections, is constructed with the resolved config
+(``self.cfg``, a typed dataclass) and provides:
+
+- ``build_model()``: an nn.Module containing a NaViT, called as ``model(packed_batch) -> outputs``;
+- ``build_dataset(split)``: the "train" or "val" :class:`TaskDataset` (None if the task has no such split);
+- ``collate(samples, plan)``: packs a list of samples into ``(PackedBatch, targets)`` with
+  ``plan.pack(images)``;
+- ``count(batch, targets)``: the quantities losses are normalized by (default: images);
+- ``losses(outputs, targets, ctx)``: a dict of scalar tensors whose ``'loss'`` entry is
+  optimized. Normalize by ``ctx.totals`` (global counts over all ranks and all micro-batches
+  of the step), never by local counts: then summing over micro-batches and ranks gives the
+  loss of the whole global batch, so gradient accumulation and DDP match one big batch.
+  Every entry is summed that way for logging;
+- ``build_evaluator()``: an :class:`Evaluator`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..data import PackedBatch, TokenDrop, pack_images
+from .config import DataConfig, ModelConfig
+
+
+class TaskDataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the image, known without decoding it (it sets the token cost)."""
+
+    def __getitem__(self, index: int) -> Any:
+        """One sample; None marks a sample that had to be skipped (the engine drops and counts
+        it). Draw augmentation randomness from the global random/numpy/torch RNGs: the engine
+        seeds them per (seed, epoch, index), so samples do not depend on workers, ranks or
+        resumes. A dataset may also offer ``skip_summary() -> dict`` for the run summary."""
+
+
+class Evaluator(Protocol):
+    def process(self, outputs: Any, targets: Any) -> None: ...
+
+    def state(self) -> Any:
+        """Picklable results accumulated by this process (gathered to rank 0 under DDP)."""
+
+    def merge(self, states: list[Any]) -> None:
+        """Add the states of the other processes before metrics() is called on rank 0."""
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+@dataclass
+class PackPlan:
+    """How the samples of one batch are packed: the engine fills it in, ``collate`` calls pack()."""
+
+    max_tokens: list[int]  # per-sample token budget, in sample order
+    seed: int  # seeds token dropping
+    patch_size: int
+    seq_len: int
+    num_prefix_tokens: int
+    algorithm: str
+    token_drop: TokenDrop | None  # None at evaluation
+
+    def pack(self, images: Sequence[torch.Tensor]) -> PackedBatch:
+        return pack_images(
+            images,
+            self.patch_size,
+            seq_len=self.seq_len,
+            max_tokens=self.max_tokens,
+            algorithm=self.algorithm,
+            num_prefix_tokens=self.num_prefix_tokens,
+            token_drop=self.token_drop,
+            seed=self.seed,
+        )
+
+
+@dataclass
+class LossContext:
+    step: int  # optimizer step being computed (0-based)
+    totals: dict[str, float]  # task.count() summed over ranks and micro-batches of this step
+
+
+class Task(ABC):
+    name: ClassVar[str] = ""
+    ModelConfig: ClassVar[type] = ModelConfig
+    DataConfig: ClassVar[type] = DataConfig
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def build_dataset(self, split: str) -> TaskDataset | None: ...
+
+    @abstractmethod
+    def collate(self, samples: list[Any], plan: PackPlan) -> tuple[PackedBatch, Any]: ...
+
+    def count(self, batch: PackedBatch, targets: Any) -> dict[str, float]:
+        return {"images": float(batch.num_images)}
+
+    @abstractmethod
+    def losses(self, outputs: Any, targets: Any, ctx: LossContext) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def build_evaluator(self) -> Evaluator: ...
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str, cls: type[Task] | None = None):
+    """``register_task("x", XTask)`` or ``@register_task("x")`` on the class."""
+
+    def add(cls: type[Task]) -> type[Task]:
+        if name in _TASKS and _TASKS[name] is not cls:
+            raise ValueError(f"task {name!r} is already registered by {_TASKS[name].__qualname__}")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def task_names() -> list[str]:
+    from .. import tasks  # noqa: F401  (registers the built-in tasks)
+
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> type[Task]:
+    names = task_names()
+    if name not in _TASKS:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KeyError(f"unknown task {name!r}; {hint}registered tasks: {', '.join(names)}")
+    return _TASKS[name]

@@ -1,0 +1,372 @@
+"""The task-agnostic training loop.
+
+One optimizer step = ``train.grad_accum`` micro-batches; each micro-batch is a GLOBAL group
+of about ``data.tokens_per_batch`` tokens split across ranks by tokens (see sampler.py).
+Losses are normalized by counts summed over all ranks and micro-batches of the step
+(``Task.count`` -> ``LossContext.totals``) and multiplied by the world size before backward
+because DDP averages gradients: so accumulation and any number of ranks compute the gradient
+of the same global-batch loss as one process would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import PACKING_ALGORITHMS, PackedBatch
+from . import checkpoint as ckpt
+from .config import diff_configs, to_object, to_yaml
+from .data import MicroBatch, build_loader, epochs
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, init_distributed
+from .logger import RunLogger
+from .optim import ModelEMA, build_optimizer, build_scheduler, find_backbone
+from .task import LossContext, Task, get_task
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class TrainState:
+    """Progress saved in every checkpoint (meta.json)."""
+
+    step: int = 0  # completed optimizer steps
+    epoch: int = 0  # data position of the NEXT step: (epoch, step within the epoch)
+    step_in_epoch: int = 0
+    skipped_nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient
+    consecutive_nonfinite: int = 0
+    overflow_steps: int = 0  # fp16 steps the GradScaler skipped
+    skipped_samples: int = 0  # samples the dataset returned None for
+    best_value: float | None = None
+    best_step: int | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return obj
+    if torch.is_tensor(obj) or isinstance(obj, PackedBatch):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def check_config(c, env: DistEnv, num_prefix_tokens: int) -> None:
+    """Errors a run would otherwise hit late (or silently)."""
+    t, d = c.train, c.data
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    if t.precision == "fp16" and env.device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs CUDA (GradScaler); use bf16 on CPU")
+    if t.best_mode not in ("max", "min"):
+        raise ValueError(f"train.best_mode must be max or min, got {t.best_mode!r}")
+    if t.steps < 1 or t.grad_accum < 1 or t.ckpt_every < 1 or t.log_every < 1 or t.keep_last < 1:
+        raise ValueError("train.steps, grad_accum, ckpt_every, log_every and keep_last must be >= 1")
+    if d.packing not in PACKING_ALGORITHMS:
+        raise ValueError(f"data.packing must be one of {PACKING_ALGORITHMS}, got {d.packing!r}")
+    if d.max_tokens_per_image + num_prefix_tokens > d.seq_len:
+        raise ValueError(f"data.max_tokens_per_image ({d.max_tokens_per_image}) + {num_prefix_tokens} prefix tokens exceeds data.seq_len ({d.seq_len})")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(task: Task, cfg, model: torch.nn.Module, loader, env: DistEnv) -> dict[str, float]:
+    """Run the task's evaluator over a loader (each rank its shard); metrics on every rank."""
+    was_training = model.training
+    model.eval()
+    evaluator = task.build_evaluator()
+    loader.batch_sampler.set_epoch(0)
+    for m in loader:
+        with autocast(cfg.train.precision, env.device):
+            outputs = model(to_device(m.batch, env.device))
+        evaluator.process(outputs, to_device(m.targets, env.device))
+    model.train(was_training)
+    if env.distributed:
+        states = gather_objects(evaluator.state())
+        if env.is_main:
+            evaluator.merge(states[1:])
+    metrics = evaluator.metrics() if env.is_main else None
+    return {k: float(v) for k, v in broadcast_object(metrics).items()}
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, resume: bool = False):
+        self.cfg_node = cfg
+        self.cfg = c = to_object(cfg)
+        self.env = env = init_distributed(c.train.device)
+        self.run_dir = Path(c.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        restore_from = self._prepare_run_dir(resume)
+
+        seed_everything(c.seed + env.rank)  # DDP copies rank 0's initial weights to every rank
+        self.task = get_task(c.task)(c)
+        self.model = self.task.build_model().to(env.device)
+        _, backbone = find_backbone(self.model)
+        if backbone is None:
+            raise TypeError(f"task {c.task!r}: build_model must return a module containing a NaViT backbone")
+        check_config(c, env, backbone.num_prefix_tokens)
+        pack = dict(patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens, world_size=env.world_size, rank=env.rank)
+        self.train_set, self.val_set = self.task.build_dataset("train"), self.task.build_dataset("val")
+        self.train_loader = build_loader(self.task, self.train_set, c, train=True, **pack)
+        self.val_loader = build_loader(self.task, self.val_set, c, train=False, **pack) if self.val_set is not None else None
+
+        self.optimizer = build_optimizer(self.model, c.optim)
+        self.scheduler = build_scheduler(self.optimizer, c.optim, c.train.steps)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=c.train.precision == "fp16")
+        self.ema = ModelEMA(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
+        self.state = TrainState()
+        if restore_from is not None:
+            self._restore(restore_from)
+        self.ddp = None
+        if env.distributed:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters)
+        self.train_model = self.ddp or self.model
+        self.logger = RunLogger(self.run_dir, c.train.steps, self.state.step, enabled=env.is_main)
+        if restore_from is not None:
+            self.logger.info(f"resumed from {restore_from} at step {self.state.step} (epoch {self.state.epoch}, step {self.state.step_in_epoch} in epoch)")
+
+    # ---- run directory and checkpoints ------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> Path | None:
+        found = ckpt.latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+        if found is not None and not resume:
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another --output-dir")
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(self.ckpt_dir)
+            saved = self.run_dir / "config.yaml"
+            if found is not None and saved.is_file():
+                changed = diff_configs(OmegaConf.create(yaml.safe_load(saved.read_text())), self.cfg_node)
+                if changed:
+                    print(f"warning: resuming with a changed config: {', '.join(changed)}", flush=True)
+            _write_atomic(saved, to_yaml(self.cfg_node))
+        barrier()
+        if resume and found is None and self.env.is_main:
+            print(f"--resume: no checkpoint in {self.ckpt_dir}, starting from scratch", flush=True)
+        return found
+
+    def _restore(self, path: Path) -> None:
+        tensors, meta = ckpt.read_checkpoint(path)
+        self.model.load_state_dict(tensors["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(tensors.get("ema", tensors["model"]))
+        self.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors.get("optimizer", {}), meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.scaler.is_enabled() and meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.state = TrainState(**meta["train_state"])
+        if not ckpt.restore_rng(tensors.get("rng", {}), meta["rng"], self.env.rank):
+            print(f"warning: rank {self.env.rank}: no RNG state in {path} (saved with fewer ranks)", flush=True)
+
+    def save(self, best: bool = False) -> None:
+        rng = gather_objects(ckpt.rng_state())  # every rank's RNG, written by rank 0
+        if self.env.is_main:
+            opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
+            rng_tensors, rng_rest = ckpt.split_rng(rng)
+            tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng_tensors}
+            if self.ema is not None:
+                tensors["ema"] = self.ema.state_dict()
+            meta = {
+                "task": self.cfg.task,
+                "world_size": self.env.world_size,
+                "train_state": asdict(self.state),
+                "optimizer": opt_meta,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_rest,
+            }
+            path = ckpt.write_checkpoint(self.ckpt_dir, self.state.step, tensors, meta, {"config.yaml": to_yaml(self.cfg_node)})
+            ckpt.point(self.ckpt_dir, "last", path)
+            if best:
+                ckpt.point(self.ckpt_dir, "best", path)
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
+        barrier()
+
+    # ---- training ---------------------------------------------------------------------------
+    def _step(self, micros: list[MicroBatch]) -> dict[str, float]:
+        c, env, st = self.cfg, self.env, self.state
+        counts = [self.task.count(m.batch, m.targets) for m in micros]
+        names = sorted(counts[0])
+        local = [sum(cnt[k] for cnt in counts) for k in names]
+        local += [sum(int((~m.batch.padding_mask).sum()) for m in micros), sum(m.skipped for m in micros)]
+        glob = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=env.device)).tolist()
+        ctx = LossContext(step=st.step, totals=dict(zip(names, glob[: len(names)])))
+        tokens, skipped = glob[-2], int(glob[-1])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for j, m in enumerate(micros):
+            batch, targets = to_device(m.batch, env.device), to_device(m.targets, env.device)
+            sync = self.ddp is None or j == len(micros) - 1  # DDP all-reduces on the last micro-batch only
+            with nullcontext() if sync else self.ddp.no_sync():
+                with autocast(c.train.precision, env.device):
+                    losses = self.task.losses(self.train_model(batch), targets, ctx)
+                self.scaler.scale(losses["loss"] * env.world_size).backward()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        keys = sorted(sums)
+        scalars = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()))
+
+        lr = max(self.scheduler.get_last_lr())
+        grad_norm = math.nan
+        finite = math.isfinite(scalars["loss"])  # the global loss: every rank takes the same decision
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.optim.clip_grad or math.inf))
+            if math.isfinite(grad_norm) or self.scaler.is_enabled():
+                scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+                self.scaler.step(self.optimizer)  # with fp16 an overflow makes the scaler skip the update
+                self.scaler.update()
+                if scale is not None and self.scaler.get_scale() < scale:
+                    st.overflow_steps += 1
+                elif self.ema is not None:
+                    self.ema.update(self.model)
+            else:
+                finite = False
+        if finite:
+            st.consecutive_nonfinite = 0
+        else:
+            st.skipped_nonfinite += 1
+            st.consecutive_nonfinite += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if st.consecutive_nonfinite >= c.train.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{st.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient "
+                    f"(last: step {st.step + 1}, loss {scalars['loss']}, grad norm {grad_norm}); stopping "
+                    f"(train.max_consecutive_nonfinite={c.train.max_consecutive_nonfinite}). "
+                    f"Lower optim.lr, set optim.clip_grad, or check the data."
+                )
+        self.scheduler.step()
+        st.skipped_samples += skipped
+        return {**scalars, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **ctx.totals, "skipped_nonfinite": st.skipped_nonfinite}
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.ema.module if self.ema is not None else self.model  # never the DDP wrapper
+        return evaluate(self.task, self.cfg, model, self.val_loader, self.env)
+
+    def _track_best(self, metrics: dict[str, float]) -> bool:
+        name, st = self.cfg.train.best_metric, self.state
+        if not name:
+            return False
+        if name not in metrics:
+            raise KeyError(f"train.best_metric={name!r} is not among the evaluator's metrics: {', '.join(sorted(metrics))}")
+        value = metrics[name]
+        sign = 1 if self.cfg.train.best_mode == "max" else -1
+        if st.best_value is None or sign * (value - st.best_value) > 0:
+            st.best_value, st.best_step = value, st.step
+            return True
+        return False
+
+    def fit(self) -> dict:
+        c, st = self.cfg, self.state
+        t = c.train
+        stream = epochs(self.train_loader, st.epoch, st.step_in_epoch)
+        sampler = self.train_loader.batch_sampler
+        t0 = time.monotonic()
+        metrics: dict[str, float] = {}
+        deterministic_before = torch.are_deterministic_algorithms_enabled()
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        try:
+            while st.step < t.steps:
+                t_step = time.monotonic()
+                micros = [next(stream) for _ in range(t.grad_accum)]
+                scalars = self._step(micros)
+                st.step += 1
+                last = micros[-1]
+                if last.step + 1 < sampler.steps_in_epoch(last.epoch):
+                    st.epoch, st.step_in_epoch = last.epoch, last.step + 1
+                else:
+                    st.epoch, st.step_in_epoch = last.epoch + 1, 0
+                scalars["step_time"] = time.monotonic() - t_step
+                final = st.step == t.steps
+                self.logger.train(st.step, scalars, log=st.step % t.log_every == 0 or final)
+
+                improved = False
+                if self.val_loader is not None and ((t.eval_every and st.step % t.eval_every == 0) or final):
+                    metrics = self.evaluate()
+                    self.logger.eval(st.step, metrics)
+                    improved = self._track_best(metrics)
+                if st.step % t.ckpt_every == 0 or final or improved:
+                    self.save(best=improved)
+        finally:
+            self.logger.close()
+            torch.use_deterministic_algorithms(deterministic_before)
+        return self._summary(metrics, time.monotonic() - t0)
+
+    def _summary(self, metrics: dict[str, float], seconds: float) -> dict:
+        st = self.state
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": st.step,
+            "skipped_nonfinite_steps": st.skipped_nonfinite,
+            "fp16_overflow_steps": st.overflow_steps,
+            "skipped_samples": st.skipped_samples,
+            "data_skips": self.train_set.skip_summary() if hasattr(self.train_set, "skip_summary") else None,
+            "best_metric": self.cfg.train.best_metric or None,
+            "best_value": st.best_value,
+            "best_step": st.best_step,
+            "final_metrics": metrics,
+            "seconds": round(seconds, 2),
+        }
+        if self.env.is_main:
+            _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            print("run summary: " + json.dumps(summary), flush=True)
+        return summary
+
+
+def train(cfg: DictConfig, resume: bool = False) -> dict:
+    """Train (or resume) the run in cfg.output_dir; returns the run summary."""
+    return Trainer(cfg, resume).fit()
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, ema: bool | None = None, split: str = "val") -> tuple[dict[str, float], Path]:
+    """(metrics, checkpoint directory) of a checkpoint's weights (EMA ones when present,
+    unless ``ema`` says otherwise) on a dataset split; works under torchrun too."""
+    c = to_object(cfg)
+    env = init_distributed(c.train.device)
+    path = ckpt.resolve(checkpoint)
+    task = get_task(c.task)(c)
+    model = task.build_model().to(env.device)
+    model.load_state_dict(ckpt.load_weights(path, ema))
+    _, backbone = find_backbone(model)
+    dataset = task.build_dataset(split)
+    if dataset is None:
+        raise ValueError(f"task {c.task!r} has no {split!r} split with this config")
+    loader = build_loader(task, dataset, c, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens, train=False, world_size=env.world_size, rank=env.rank)
+    return evaluate(task, c, model, loader, env), path
