@@ -198,3 +198,14 @@ def test_image_larger_than_sequence():
     assert int(batch.grid_sizes.prod()) <= 64
     with pytest.raises(ValueError, match="at least one image"):
         nd.pack_images([], 16, 16, 64)
+
+
+def test_per_image_drop_seeds_do_not_depend_on_batch_composition():
+    drop = TokenDrop("beta", alpha=2, beta=2, max_rate=0.8)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 96), torch.rand(3, 96, 32)]
+    together = nd.pack_images(images, 16, 64, 256, token_drop=drop, seed=[11, 12, 13])
+    alone = nd.pack_images(images[1:2], 16, 64, 256, token_drop=drop, seed=[12])
+    assert torch.equal(together.kept_indices(1), alone.kept_indices(0))
+    assert float(together.drop_rates[1]) == float(alone.drop_rates[0])
+    with pytest.raises(ValueError, match="seed has 2 entries for 3 images"):
+        nd.pack_images(images, 16, 64, 256, token_drop=drop, seed=[1, 2])

@@ -162,7 +162,7 @@ def pack_images(
     pad_multiple: int = 8,
     num_prefix_tokens: int = 0,
     token_drop: TokenDrop | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     allow_upscale: bool = True,
     fit_to_seq_len: bool = False,
 ) -> PackedBatch:
@@ -174,7 +174,9 @@ def pack_images(
     seq_len: capacity of one sequence. Unless ``fixed_seq_len`` the returned sequence length is
         shrunk to the longest packed sequence rounded up to ``pad_multiple`` (never above seq_len).
     token_drop: sample a drop rate per image and pack only the kept tokens (training only).
-    seed: seeds token dropping; packing itself is deterministic.
+    seed: seeds token dropping; one int for the whole call, or one per image so an image's
+        drop pattern does not depend on which other images share its batch (DDP, resumes).
+        Packing itself is deterministic.
     fit_to_seq_len: shrink images whose budget exceeds one sequence instead of raising.
     """
     if patch_size < 1:
@@ -187,7 +189,13 @@ def pack_images(
     if capacity_for_patches < 1:
         raise ValueError(f"seq_len={seq_len} leaves no room for patches after {num_prefix_tokens} prefix tokens")
 
-    rng = np.random.default_rng(seed)
+    if isinstance(seed, (int, np.integer)):
+        shared = np.random.default_rng(int(seed))
+        rngs = [shared] * len(images)
+    else:
+        if len(seed) != len(images):
+            raise ValueError(f"seed has {len(seed)} entries for {len(images)} images")
+        rngs = [np.random.default_rng(int(s)) for s in seed]
     grids, sizes, tokens, kept_idx, rates = [], [], [], [], []
     for i, raw in enumerate(images):
         image = _as_image(raw, i)
@@ -206,7 +214,7 @@ def pack_images(
         patches = patchify(resize_to_grid(image, grid, patch_size), patch_size)
         n = grid[0] * grid[1]
         if token_drop is not None:
-            rate, keep = token_drop.sample_keep(rng, n)
+            rate, keep = token_drop.sample_keep(rngs[i], n)
             keep_t = torch.from_numpy(keep)
             patches = patches[keep_t]
         else:

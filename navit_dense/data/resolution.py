@@ -25,11 +25,15 @@ class ResolutionSampler:
             raise ValueError(f"ResolutionSampler needs 0 < min_side <= max_side, got {self.min_side}, {self.max_side}")
 
     def sample(self, rng: np.random.Generator) -> int:
+        return int(self.sample_many(rng, 1)[0])
+
+    def sample_many(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n side lengths in one vectorized draw."""
         a, b = (-1.0 - self.loc) / self.scale, (1.0 - self.loc) / self.scale
-        u = float(truncnorm.rvs(a, b, loc=self.loc, scale=self.scale, random_state=rng))
+        u = truncnorm.rvs(a, b, loc=self.loc, scale=self.scale, size=n, random_state=rng)
         side = self.min_side + (u + 1.0) / 2.0 * (self.max_side - self.min_side)
-        side = int(round(side / self.multiple)) * self.multiple
-        return int(min(max(side, self.min_side), self.max_side))
+        side = np.round(side / self.multiple).astype(np.int64) * self.multiple
+        return np.clip(side, self.min_side, self.max_side)
 
     def max_tokens(self, side: int, patch_size: int) -> int:
         """Token budget of a square image of the sampled side: (side / P)^2."""

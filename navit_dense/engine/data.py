@@ -65,7 +65,7 @@ class Collator:
         kept = [(k, s) for k, s in items if s is not None]
         if not kept:
             raise RuntimeError(f"every sample of micro-batch (epoch {first.epoch}, step {first.step}) was skipped by the dataset")
-        plan = PackPlan(max_tokens=[k.budget for k, _ in kept], seed=first.seed, **self.pack)
+        plan = PackPlan(max_tokens=[k.budget for k, _ in kept], seed=[k.seed for k, _ in kept], **self.pack)
         batch, targets = self.task.collate([s for _, s in kept], plan)
         return MicroBatch(batch, targets, first.epoch, first.step, first.micro, len(items) - len(kept))
 

@@ -29,7 +29,7 @@ class SampleKey(NamedTuple):
 
     index: int
     budget: int  # per-image token budget (max_tokens for pack_images)
-    seed: int  # pack_images seed of this rank's micro-batch (token dropping)
+    seed: int  # token-drop seed of this image (per image: independent of batching and rank)
     epoch: int
     step: int  # optimizer step within the epoch
     micro: int  # micro-batch within the step
@@ -107,7 +107,7 @@ class TokenBudgetSampler:
         if self.resolution is None:
             return [self.max_tokens_per_image] * len(self.sizes)
         rng = np.random.default_rng([self.seed, epoch, 1])
-        sides = [self.resolution.sample(rng) for _ in self.sizes]
+        sides = self.resolution.sample_many(rng, len(self.sizes)).tolist()
         return [min(self.resolution.max_tokens(s, self.patch_size), self.max_tokens_per_image) for s in sides]
 
     def plan(self, epoch: int) -> tuple[list[int], list[int], list[list[list[int]]]]:
@@ -144,9 +144,12 @@ class TokenBudgetSampler:
         for s in range(self.start_step, len(steps)):
             for m, micro in enumerate(steps[s]):
                 mine = shard_by_tokens(micro, [costs[i] for i in micro], self.world_size)[self.rank]
-                seed = int(np.random.SeedSequence([self.seed, self.epoch, s, m, self.rank]).generate_state(1)[0])
                 if mine:  # only evaluation can leave a rank without images
-                    yield [SampleKey(i, budgets[i], seed, self.epoch, s, m) for i in mine]
+                    yield [SampleKey(i, budgets[i], self._sample_seed(i), self.epoch, s, m) for i in mine]
+
+    def _sample_seed(self, index: int) -> int:
+        # Per image, so its token-drop pattern is the same whatever rank or batch it lands in.
+        return int(np.random.SeedSequence([self.seed, self.epoch, index, 3]).generate_state(1)[0])
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         return self._shards()

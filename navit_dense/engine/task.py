@@ -61,7 +61,7 @@ class PackPlan:
     """How the samples of one batch are packed: the engine fills it in, ``collate`` calls pack()."""
 
     max_tokens: list[int]  # per-sample token budget, in sample order
-    seed: int  # seeds token dropping
+    seed: int | list[int]  # token-drop seeds: one per sample (or one for the batch)
     patch_size: int
     seq_len: int
     num_prefix_tokens: int
