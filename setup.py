@@ -23,6 +23,6 @@ setup(
         "dev": requirements("dev"),
         "mmseg": requirements("mmseg") if (HERE / "requirements" / "mmseg.txt").exists() else [],
         # detectron2 is not on PyPI: install it per its own guide, then this extra adds its deps.
-        "detectron2": ["fvcore>=0.1.5", "iopath>=0.1.9", "cloudpickle", "tabulate", "yacs", "termcolor"],
+        "detectron2": ["fvcore>=0.1.5", "iopath>=0.1.9", "cloudpickle", "tabulate", "yacs", "termcolor", "hydra-core", "black"],
     },
 )

@@ -229,3 +229,13 @@ def test_packed_batch_to_and_maps_to_padded_roundtrip():
     maps = [torch.rand(4, 2, 3), torch.rand(4, 5, 1)]
     padded, valid = maps_to_padded(maps)
     assert padded.shape == (2, 4, 5, 3) and int(valid.sum()) == 11
+
+
+def test_features_only_backbone_has_no_pooling_head():
+    model = tiny(global_pool="none")
+    assert model.attn_pool is None
+    with torch.no_grad():
+        out = model(pack([torch.rand(3, 40, 64)]))
+    assert out.pooled is None and out.feature_maps[0].shape[0] == 32
+    with pytest.raises(ValueError, match="num_classes needs a pooled vector"):
+        tiny(global_pool="none", num_classes=3)

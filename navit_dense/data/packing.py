@@ -235,7 +235,7 @@ def pack_images(
 def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like) -> PackedBatch:
     S, N = len(bins), len(tokens)
     dim = tokens[0].shape[1]
-    patches = torch.zeros(S, L, dim, dtype=like.dtype)
+    patches = torch.zeros(S, L, dim, dtype=like.dtype, device=like.device)
     segment_ids = torch.full((S, L), -1, dtype=torch.long)
     positions = torch.zeros(S, L, 2, dtype=torch.long)
     frac_positions = torch.zeros(S, L, 2, dtype=torch.float32)
@@ -263,7 +263,7 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
     num_kept = torch.tensor([len(k) for k in kept_idx], dtype=torch.long)
     cu_seqlens = torch.zeros(N + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(num_kept[packing_order] + num_prefix, 0)
-    return PackedBatch(
+    batch = PackedBatch(
         patches=patches,
         segment_ids=segment_ids,
         positions=positions,
@@ -282,3 +282,5 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
         patch_size=patch_size,
         num_prefix_tokens=num_prefix,
     )
+    # Pixels stay on the images' device (no host round trip on GPU); the index tensors follow.
+    return batch.to(like.device) if like.device.type != "cpu" else batch

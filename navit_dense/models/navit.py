@@ -40,7 +40,7 @@ class NaViTConfig:
     pos_embed_grid: int = 64  # table size (cells per side) of learned embeddings
     pos_embed_mode: str = "bicubic"  # learned2d resize: bicubic (timm) | bilinear (SigLIP2)
     pos_embed_antialias: bool = True
-    global_pool: str = "map"  # map | avg | token
+    global_pool: str = "map"  # map | avg | token | none (dense heads that need no pooled vector)
     fc_norm: bool = False  # norm after pooling instead of before (timm semantics)
     map_include_prefix: bool = True  # MAP also attends to prefix tokens (timm 1.0.31 default: patches only)
     num_classes: int = 0
@@ -192,7 +192,7 @@ class NaViTOutput:
     tokens: torch.Tensor  # [S, L, D] final (normed) packed tokens
     feature_maps: list[torch.Tensor]  # per image [D, h_i, w_i] from the last of out_indices
     intermediates: dict[int, list[torch.Tensor]]  # layer index -> per-image maps, for all out_indices
-    pooled: torch.Tensor  # [N, D] (or [N, num_classes] with a classifier head)
+    pooled: torch.Tensor | None  # [N, D] (or [N, num_classes] with a classifier head); None if global_pool="none"
     prefix_tokens: torch.Tensor | None  # [N, num_prefix_tokens, D] or None
     batch: PackedBatch = field(repr=False)
 
@@ -224,11 +224,13 @@ class NaViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if not cfg.fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
-        if cfg.global_pool not in ("map", "avg", "token"):
-            raise ValueError(f"global_pool must be map|avg|token, got {cfg.global_pool!r}")
+        if cfg.global_pool not in ("map", "avg", "token", "none"):
+            raise ValueError(f"global_pool must be map|avg|token|none, got {cfg.global_pool!r}")
         if cfg.global_pool == "token" and not cfg.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         self.attn_pool = MAPHead(cfg) if cfg.global_pool == "map" else None
+        if cfg.global_pool == "none" and cfg.num_classes:
+            raise ValueError("num_classes needs a pooled vector: set global_pool to map, avg or token")
         self.head = nn.Linear(dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         if cfg.mask_fill not in ("token", "zeros"):
             raise ValueError(f"mask_fill must be 'token' or 'zeros', got {cfg.mask_fill!r}")
@@ -278,8 +280,10 @@ class NaViT(nn.Module):
     def forward_features(self, batch: PackedBatch) -> torch.Tensor:
         return self.forward_intermediates(batch)[0]
 
-    def forward_head(self, x: torch.Tensor, batch: PackedBatch, pre_logits: bool = False) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, batch: PackedBatch, pre_logits: bool = False) -> torch.Tensor | None:
         pool = self.cfg.global_pool
+        if pool == "none":
+            return None
         if pool == "map":
             pooled = self.attn_pool(x, batch)
         elif pool == "token":
