@@ -1,0 +1,633 @@
+#!/usr/bin/env python
+"""Benchmark the NaViT backbone: packing efficiency, throughput, memory and equivalence.
+
+One seeded set of images with a COCO/LVIS-like size distribution (mostly 640x480, 480x640,
+640x427, ... plus random sizes and a few extreme strips such as 1000x100) is resized (aspect
+kept) so the longer side is ``--max-side`` (whole patches), then run, with the same weights,
+in one process:
+
+- packed            our model on the packed batch (``pack_images`` default algorithm);
+- square_padded     a standard batched ViT with the same weights on every image zero-padded to
+                    a max_side x max_side square ((max_side/P)^2 tokens each, one batched SDPA
+                    per layer, no mask); ``square_padded_navit_path`` runs the same squares
+                    through our model (one square per packed sequence) as a cross-check;
+- per_image         our model called once per image;
+- vit_pytorch_navit lucidrains' ``vit_pytorch.na_vit.NaViT`` (same depth/width/heads/patch/mlp
+                    dim) on the same resized images with its own grouping
+                    (``group_images=True, group_max_seq_len=seq_len``).
+
+Timing: round-robin over variants (warmup rounds, then timed rounds), median per variant,
+torch.no_grad, eval mode, a fixed number of threads. Memory: see
+``navit_dense.utils.benchmark.peak_memory``. Targets are reported as PASS/FAIL; if a target
+fails (or with ``--profile``) a torch.profiler op table of the packed forward is included.
+
+    python tools/benchmark_backbone.py --quick --json bench_backbone.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _omp_wait_policy_from_argv(argv) -> str:
+    for i, a in enumerate(argv):
+        if a == "--omp-wait-policy" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--omp-wait-policy="):
+            return a.split("=", 1)[1]
+    return "passive"
+
+
+# OpenMP reads OMP_WAIT_POLICY once, when torch's runtime loads: set it before importing torch.
+# PASSIVE by default: on a shared, oversubscribed machine spinning OpenMP workers turn every
+# parallel region into a scheduler-tick wait (see --help), which swamps the compute we measure.
+_POLICY_REQUESTED = _omp_wait_policy_from_argv(sys.argv[1:])
+_TORCH_PRELOADED = "torch" in sys.modules
+if _POLICY_REQUESTED != "default" and not _TORCH_PRELOADED:
+    os.environ["OMP_WAIT_POLICY"] = _POLICY_REQUESTED.upper()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F
+
+try:
+    import navit_dense as nd
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import navit_dense as nd
+
+from navit_dense.data import pack_images, pack_lengths
+from navit_dense.data.resize import budget_grid, resize_to_grid
+from navit_dense.utils.benchmark import (
+    human_bytes,
+    optimal_pad_fraction,
+    peak_memory,
+    set_threads,
+    time_interleaved,
+    transformer_flops,
+)
+
+# (width, height) of the most frequent COCO train2017 image sizes (LVIS uses the same images),
+# with rough frequencies; the remainder of the probability mass is random sizes.
+COCO_SIZES = [
+    ((640, 480), 0.32),
+    ((480, 640), 0.10),
+    ((640, 427), 0.13),
+    ((427, 640), 0.05),
+    ((640, 426), 0.06),
+    ((640, 424), 0.04),
+    ((612, 612), 0.03),
+    ((500, 375), 0.04),
+    ((375, 500), 0.02),
+    ((640, 360), 0.03),
+    ((640, 512), 0.02),
+    ((640, 640), 0.02),
+]
+EXTREME_SIZES = [(1000, 100), (100, 1000), (1500, 200), (200, 1500)]  # (width, height)
+
+QUICK = dict(depth=4, num_images=16, warmup=1, repeats=3, extras=False)
+FULL = dict(depth=None, num_images=32, warmup=1, repeats=3, extras=True)
+QUICK_NOTE = (
+    "--quick keeps navit_ti16's width (embed_dim 192, 3 heads, mlp 768, patch 16) and the full "
+    "max_side / seq_len, but uses depth 4 instead of 12 and 16 images (2 of them extreme strips) "
+    "so the whole run fits in ~3 min on 2 CPU cores. Per-layer cost ratios (packed vs square vs "
+    "per-image vs vit_pytorch) do not depend on depth; the fixed per-forward overhead (embedding, "
+    "unpacking, pooling) weighs ~3x more than at depth 12, so quick throughput ratios are slightly "
+    "pessimistic for packed paths. Quick mode also skips timing square_padded_navit_path and the "
+    "memory of the square / vit_pytorch baselines. With only 16 images the best possible pad "
+    "fraction is coarse: see packing.optimal_bound."
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced depth / image count, < ~3 min on CPU")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--model", default="navit_ti16")
+    p.add_argument("--depth", type=int, default=None, help="override the model depth")
+    p.add_argument("--attn-kernel", default="auto", help="NaViTConfig.attn_kernel for the packed paths")
+    p.add_argument("--max-side", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=None, help="default: 2 * (max_side / patch)^2")
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true", help="always include the packed-forward op profile")
+    p.add_argument("--no-vit-pytorch", action="store_true", help="skip the vit_pytorch baseline")
+    p.add_argument(
+        "--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
+        help="OMP_WAIT_POLICY set before torch loads (default passive; 'default' leaves the environment "
+             "alone). With spinning workers on an oversubscribed machine each OpenMP parallel region can "
+             "cost a scheduler tick (4-20 ms), which penalizes paths with many small ops",
+    )
+    return p.parse_args(argv)
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Print with elapsed seconds (indented lines are continuation lines, printed as they are)."""
+    body = msg.lstrip("\n")
+    lead = msg[: len(msg) - len(body)]
+    stamp = "" if body.startswith("  ") else f"[{time.perf_counter() - _T0:6.1f}s] "
+    print(f"{lead}{stamp}{body}", flush=True)
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---- data ---------------------------------------------------------------------------------
+def coco_like_sizes(num: int, seed: int) -> list[tuple[int, int]]:
+    """Seeded (H, W) list: COCO-frequent sizes, random sizes, and max(2, num // 16) extremes."""
+    rng = np.random.default_rng(seed)
+    n_extreme = min(len(EXTREME_SIZES), max(2, num // 16)) if num >= 4 else 0
+    common_mass = sum(p for _, p in COCO_SIZES)
+    sizes: list[tuple[int, int]] = []
+    for _ in range(num - n_extreme):
+        if rng.random() < common_mass:
+            probs = np.array([p for _, p in COCO_SIZES]) / common_mass
+            w, h = COCO_SIZES[rng.choice(len(COCO_SIZES), p=probs)][0]
+        else:  # random: long side 200..1024, aspect log-uniform in [1/2.5, 2.5]
+            long_side = int(rng.integers(200, 1025))
+            aspect = math.exp(rng.uniform(-math.log(2.5), math.log(2.5)))
+            w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
+        sizes.append((h, w))
+    sizes += [(h, w) for w, h in EXTREME_SIZES[:n_extreme]]
+    order = rng.permutation(len(sizes))
+    return [sizes[i] for i in order]
+
+
+def _shrunk(lengths, capacity, algorithm="balanced") -> float:
+    """Pad fraction of pack_lengths at ``capacity`` with the sequence length shrunk to the fullest
+    sequence rounded up to 8 (what pack_images does unless fixed_seq_len)."""
+    bins = pack_lengths(lengths, capacity, algorithm)
+    L = min(capacity, -(-max(sum(lengths[i] for i in b) for b in bins) // 8) * 8)
+    return 1 - sum(lengths) / (len(bins) * L)
+
+
+def capacity_search(lengths, seq_len) -> dict:
+    """NOT in the core: balanced packing at the capacity C in [longest run, seq_len] (step 8)
+    that leaves the least padding, i.e. a packer that also chooses its sequence length."""
+    best = min((_shrunk(lengths, c), c) for c in range(max(lengths), seq_len + 1, 8))
+    return {"pad_fraction": best[0], "capacity": best[1]}
+
+
+def packing_batch_sweep(P, n_square, npref, seq_len, seed, max_side, sample=1024) -> dict:
+    """Mean pad fraction per algorithm over consecutive batches of a larger sample of sizes
+    from the same distribution (run lengths via budget_grid only, no pixels)."""
+    sizes = coco_like_sizes(sample, seed + 1)
+    lengths = [h * w + npref for h, w in (budget_grid(H, W, P, n_square, max_side=max_side) for H, W in sizes)]
+    out = {
+        "sample_images": sample,
+        "note": "mean pad fraction over consecutive batches; ours = pack_images default (shrinks seq_len to a "
+                "multiple of 8), first_fit/next_fit fixed seq_len; capacity_search_balanced = NOT in the core: "
+                "balanced packing at the capacity C in [longest run, seq_len] (step 8) with the least padding, "
+                "what a packer that also chooses its sequence length could reach",
+    }
+
+    for bs in (16, 32, 64, 128, 256):
+        row = {}
+        for name, alg, fixed in (("ours", "balanced", False), ("first_fit", "first_fit", True), ("next_fit", "next_fit", True)):
+            pads = []
+            for start in range(0, sample - bs + 1, bs):
+                chunk = lengths[start : start + bs]
+                bins = pack_lengths(chunk, seq_len, alg)
+                L = seq_len if fixed else min(seq_len, -(-max(sum(chunk[i] for i in b) for b in bins) // 8) * 8)
+                pads.append(1 - sum(chunk) / (len(bins) * L))
+            row[name] = statistics.mean(pads)
+        chunks = [lengths[s : s + bs] for s in range(0, sample - bs + 1, bs)]
+        row["capacity_search_balanced"] = statistics.mean(capacity_search(c, seq_len)["pad_fraction"] for c in chunks)
+        out[f"batch_{bs}"] = row
+    return out
+
+
+def make_images(sizes, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in sizes]
+
+
+# ---- baselines ----------------------------------------------------------------------------
+@torch.no_grad()
+def plain_vit_forward(model, batch):
+    """Standard batched ViT with the model's weights: one full square grid per sequence, no
+    padding and no mask, one SDPA call per layer. Returns (maps [N, D, h, w], pooled [N, D])."""
+    S, L = batch.segment_ids.shape
+    x = model.embed(batch)
+    for blk in model.blocks:
+        a = blk.attn
+        q, k, v = a.qkv(blk.norm1(x)).view(S, L, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(a.q_norm(q), a.k_norm(k), v)
+        x = x + blk.ls1(a.proj(o.transpose(1, 2).reshape(S, L, -1)))
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    x = model.norm(x)
+    h, w = batch.grid_sizes[0].tolist()
+    maps = x.view(S, h, w, -1).permute(0, 3, 1, 2)
+    return maps, model.forward_head(x, batch)
+
+
+def build_vit_pytorch(cfg, max_side: int, depth: int):
+    from vit_pytorch.na_vit import NaViT as LucidNaViT
+
+    return LucidNaViT(
+        image_size=max_side,
+        patch_size=cfg.patch_size,
+        num_classes=cfg.embed_dim,  # its head is LayerNorm + Linear(dim, num_classes); keep it small
+        dim=cfg.embed_dim,
+        depth=depth,
+        heads=cfg.num_heads,
+        mlp_dim=int(cfg.embed_dim * cfg.mlp_ratio),
+        dim_head=cfg.embed_dim // cfg.num_heads,
+        channels=cfg.in_chans,
+    )
+
+
+# ---- profiling ----------------------------------------------------------------------------
+def op_profile(fn, top: int = 20) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - t0
+    avgs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_self = sum(e.self_cpu_time_total for e in avgs) or 1.0
+    rows = [
+        {
+            "op": e.key,
+            "calls": e.count,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+            "self_pct": round(100.0 * e.self_cpu_time_total / total_self, 2),
+            "cpu_total_ms": round(e.cpu_time_total / 1e3, 3),
+        }
+        for e in avgs[:top]
+    ]
+    return {"wall_s_under_profiler": wall, "total_self_cpu_ms": round(total_self / 1e3, 3), "top_ops": rows}
+
+
+def print_profile(title: str, prof: dict) -> None:
+    log(f"\n{title} (wall under profiler {prof['wall_s_under_profiler']:.3f}s, self CPU total {prof['total_self_cpu_ms']:.1f} ms)")
+    log(f"  {'op':48s} {'calls':>7s} {'self ms':>10s} {'self %':>7s} {'total ms':>10s}")
+    for r in prof["top_ops"]:
+        log(f"  {r['op'][:48]:48s} {r['calls']:7d} {r['self_cpu_ms']:10.1f} {r['self_pct']:7.1f} {r['cpu_total_ms']:10.1f}")
+
+
+# ---- main ---------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    mode = QUICK if args.quick else FULL
+    num_images = args.num_images or mode["num_images"]
+    warmup = mode["warmup"] if args.warmup is None else args.warmup
+    repeats = mode["repeats"] if args.repeats is None else args.repeats
+    threads = set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    overrides = {"attn_kernel": args.attn_kernel}
+    depth = args.depth or mode["depth"]
+    if depth:
+        overrides["depth"] = depth
+    model = nd.build_backbone(args.model, **overrides).eval().to(device)
+    cfg = model.cfg
+    P, D, depth = cfg.patch_size, cfg.embed_dim, cfg.depth
+    if args.max_side % P:
+        raise SystemExit(f"--max-side must be a multiple of the patch size {P}")
+    cells = args.max_side // P
+    n_square = cells * cells
+    npref = model.num_prefix_tokens
+    seq_len = args.seq_len or 2 * (n_square + npref)
+    log(f"model {args.model} depth={depth} D={D} heads={cfg.num_heads} P={P} | max_side={args.max_side} "
+        f"seq_len={seq_len} images={num_images} seed={args.seed} threads={threads} device={device}")
+
+    sizes = coco_like_sizes(num_images, args.seed)
+    images = make_images(sizes, args.seed)
+    pack_kw = dict(patch_size=P, max_tokens_per_image=n_square, seq_len=seq_len, max_side=args.max_side,
+                   num_prefix_tokens=npref)
+
+    # ---- packing --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    batch = pack_images(images, **pack_kw)  # ours: default algorithm, shrinkable seq_len
+    pack_time_raw = time.perf_counter() - t0
+    default_alg = pack_images.__kwdefaults__["algorithm"]
+    grids = batch.grid_sizes.tolist()
+    lengths = batch.run_lengths.tolist()
+    resized = [resize_to_grid(img, tuple(g), P) for img, g in zip(images, grids)]
+    # The resized images with a budget of exactly h*w tokens reproduce the same grids with no
+    # further resampling (a larger scale would grow both sides), so re-packing them is cheap.
+    exact_kw = dict(pack_kw, max_tokens=[h * w for h, w in grids])
+    ff = pack_images(resized, **exact_kw, algorithm="first_fit", fixed_seq_len=True)
+    nf = pack_images(resized, **exact_kw, algorithm="next_fit", fixed_seq_len=True)
+    for b in (ff, nf):
+        if b.grid_sizes.tolist() != grids:
+            raise RuntimeError("re-packing the resized images changed their grids")
+    tokens = sum(lengths)
+    packing = {
+        "ours": {"algorithm": default_alg, "fixed_seq_len": False},
+        "first_fit": {"algorithm": "first_fit", "fixed_seq_len": True},
+        "next_fit": {"algorithm": "next_fit", "fixed_seq_len": True},
+    }
+    for key, b in (("ours", batch), ("first_fit", ff), ("next_fit", nf)):
+        packing[key].update(pad_fraction=b.pad_fraction, num_sequences=b.num_sequences, seq_len=b.seq_len)
+    packing["row_pad"] = {"pad_fraction": 1 - tokens / (num_images * max(lengths)), "num_sequences": num_images,
+                          "seq_len": max(lengths)}
+    packing["square_pad"] = {"pad_fraction": 1 - tokens / (num_images * (n_square + npref)),
+                             "num_sequences": num_images, "seq_len": n_square + npref}
+    # the other bin-packing algorithms on the same run lengths, with the shrink-to-fit rule
+    sweep = {}
+    for alg in ("balanced", "best_fit_decreasing", "first_fit_decreasing", "first_fit", "next_fit"):
+        bins = pack_lengths(lengths, seq_len, alg)
+        L = min(seq_len, -(-max(sum(lengths[i] for i in b) for b in bins) // 8) * 8)
+        sweep[alg] = {"num_sequences": len(bins), "seq_len": L, "pad_fraction": 1 - tokens / (len(bins) * L)}
+    packing["shrunk_seq_len_all_algorithms"] = sweep
+    packing["capacity_search_balanced"] = capacity_search(lengths, seq_len)
+    packing["seq_len_sweep"] = {
+        str(sl): {
+            "ours": _shrunk(lengths, sl, "balanced"),
+            "first_fit_fixed": 1 - tokens / (len(pack_lengths(lengths, sl, "first_fit")) * sl),
+            "capacity_search_balanced": capacity_search(lengths, sl)["pad_fraction"],
+        }
+        for sl in sorted({1024, 2048, 3072, 4096, 8192, seq_len})
+        if sl >= max(lengths)
+    }
+    packing["optimal_bound"] = optimal_pad_fraction(lengths, seq_len)
+    packing["optimal_bound"]["note"] = (
+        "smallest pad fraction ANY packer can reach on these run lengths with a shrinkable seq_len "
+        "(multiple of 8); exact=False means the search budget ran out and the value is only a lower bound"
+    )
+    packing["batch_size_sweep"] = packing_batch_sweep(P, n_square, npref, seq_len, args.seed, args.max_side)
+    packing["tokens_per_image"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
+                                   "total": tokens}
+    log("pad fraction: " + ", ".join(f"{k}={packing[k]['pad_fraction']:.4f}" for k in
+                                      ("ours", "first_fit", "next_fit", "row_pad", "square_pad"))
+        + f" | capacity search {packing['capacity_search_balanced']['pad_fraction']:.4f}"
+        + f" | best possible >= {packing['optimal_bound']['pad_fraction']:.4f} (exact={packing['optimal_bound']['exact']})")
+
+    # ---- inputs for every variant (built outside the timed region) --------------------------
+    batch = batch.to(device)
+    t0 = time.perf_counter()
+    batch_from_resized = pack_images(resized, **exact_kw)
+    pack_time_resized = time.perf_counter() - t0
+    if batch_from_resized.grid_sizes.tolist() != grids:
+        raise RuntimeError("re-packing the resized images changed their grids")
+    per_image = [pack_images([r], **dict(pack_kw, max_tokens=[h * w])).to(device) for r, (h, w) in zip(resized, grids)]
+    if [b.grid_sizes[0].tolist() for b in per_image] != grids:
+        raise RuntimeError("per-image packing chose different grids than the packed batch")
+    squares = []
+    for r in resized:
+        sq = r.new_zeros(3, args.max_side, args.max_side)
+        sq[:, : r.shape[1], : r.shape[2]] = r
+        squares.append(sq)
+    square_batch = pack_images(
+        squares, patch_size=P, max_tokens_per_image=n_square, seq_len=n_square + npref, max_side=args.max_side,
+        num_prefix_tokens=npref, max_images_per_seq=1, fixed_seq_len=True,
+    ).to(device)
+    assert square_batch.num_sequences == num_images and square_batch.pad_fraction == 0.0
+    resized_dev = [r.to(device) for r in resized]
+    lucid = None
+    if not args.no_vit_pytorch:
+        from vit_pytorch.na_vit import group_images_by_max_seq_len
+
+        torch.manual_seed(args.seed)
+        lucid = build_vit_pytorch(cfg, args.max_side, depth).eval().to(device)
+        lucid_groups = group_images_by_max_seq_len(resized, patch_size=P, max_seq_len=seq_len)
+        lucid_lengths = [sum((im.shape[1] // P) * (im.shape[2] // P) for im in g) for g in lucid_groups]
+        lucid_L = max(lucid_lengths)
+        packing["vit_pytorch_grouping"] = {
+            "num_sequences": len(lucid_groups), "seq_len": lucid_L,
+            "pad_fraction": 1 - tokens / (len(lucid_groups) * lucid_L),
+        }
+
+    plain_ok = npref == 0 and cfg.out_indices == (-1,) and cfg.feature_norm
+    extras = mode["extras"]
+    with torch.no_grad():
+        fns = {
+            "packed": lambda: model(batch),
+            "square_padded": (lambda: plain_vit_forward(model, square_batch)) if plain_ok else (lambda: model(square_batch)),
+            "per_image": lambda: [model(b) for b in per_image],
+        }
+        if extras:
+            fns["square_padded_navit_path"] = lambda: model(square_batch)
+        if lucid is not None:
+            fns["vit_pytorch_navit"] = lambda: lucid(resized_dev, group_images=True, group_max_seq_len=seq_len)
+
+        # sanity: the plain ViT path computes exactly what our model computes on the squares
+        square_check = None
+        if plain_ok:
+            two = pack_images(
+                squares[:2], patch_size=P, max_tokens_per_image=n_square, seq_len=n_square, max_side=args.max_side,
+                max_images_per_seq=1, fixed_seq_len=True,
+            ).to(device)
+            plain_maps, plain_pooled = plain_vit_forward(model, two)
+            ref = model(two)
+            square_check = max(float((plain_maps - torch.stack(ref.feature_maps)).abs().max()),
+                               float((plain_pooled - ref.pooled).abs().max()))
+            del plain_maps, plain_pooled, ref, two
+        load_before = loadavg()
+
+        # ---- timing ------------------------------------------------------------------------
+        log(f"\ntiming: {warmup} warmup + {repeats} timed rounds, round-robin over {list(fns)}")
+        timings = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, log=log)
+
+        # ---- memory + equivalence ----------------------------------------------------------
+        log("\nmemory (one profiled forward per variant)")
+        kept = {}
+        peak_packed, mem_method = peak_memory(lambda: kept.__setitem__("packed", model(batch)), device)
+        per_peaks = []
+        kept["per_image"] = []
+        for b in per_image:
+            pk, _ = peak_memory(lambda b=b: kept["per_image"].append(model(b)), device)
+            per_peaks.append(pk)
+        load_after = loadavg()
+        peak_square = peak_memory(fns["square_padded"], device)[0] if extras else None
+        peak_lucid = peak_memory(fns["vit_pytorch_navit"], device)[0] if (extras and lucid is not None) else None
+
+        out_p, outs_i = kept["packed"], kept["per_image"]
+        diff_maps = max(float((a - o.feature_maps[0]).abs().max()) for a, o in zip(out_p.feature_maps, outs_i))
+        diff_pooled = max(float((out_p.pooled[i] - o.pooled[0]).abs().max()) for i, o in enumerate(outs_i))
+        del kept, out_p, outs_i
+
+    # ---- results -----------------------------------------------------------------------------
+    med = {k: t.median_s for k, t in timings.items()}
+    throughput = {f"{k}_imgs_per_s": num_images / v for k, v in med.items()}
+    throughput["packed_incl_packing_imgs_per_s"] = num_images / (med["packed"] + pack_time_resized)
+    ratios = {
+        "packed_vs_square_padded": med["square_padded"] / med["packed"],
+        "packed_vs_per_image": med["per_image"] / med["packed"],
+    }
+    if "square_padded_navit_path" in med:
+        ratios["packed_vs_square_padded_navit_path"] = med["square_padded_navit_path"] / med["packed"]
+    if lucid is not None:
+        ratios["packed_vs_vit_pytorch_navit"] = med["vit_pytorch_navit"] / med["packed"]
+        ratios["packed_incl_packing_vs_vit_pytorch_navit"] = med["vit_pytorch_navit"] / (med["packed"] + pack_time_resized)
+    ratios_cpu = {k: timings[v].median_cpu_s / timings["packed"].median_cpu_s for k, v in (
+        ("packed_vs_square_padded", "square_padded"), ("packed_vs_per_image", "per_image"),
+        ("packed_vs_vit_pytorch_navit", "vit_pytorch_navit"), ("packed_vs_square_padded_navit_path", "square_padded_navit_path"),
+    ) if v in timings}
+    ratios_min = {k: timings[v].min_s / timings["packed"].min_s for k, v in (
+        ("packed_vs_square_padded", "square_padded"), ("packed_vs_per_image", "per_image"),
+        ("packed_vs_vit_pytorch_navit", "vit_pytorch_navit"), ("packed_vs_square_padded_navit_path", "square_padded_navit_path"),
+    ) if v in timings}
+    # per-round ratios show how much of a ratio is noise
+    per_round = {
+        k: [s / p for s, p in zip(timings[base].times_s, timings["packed"].times_s)]
+        for k, base in (("packed_vs_square_padded", "square_padded"), ("packed_vs_per_image", "per_image"),
+                        ("packed_vs_vit_pytorch_navit", "vit_pytorch_navit"))
+        if base in timings
+    }
+
+    flops_packed = transformer_flops(lengths, D, depth)
+    flops_packed_padded = depth * (
+        sum(24.0 * batch.seq_len * D * D for _ in range(batch.num_sequences)) + sum(4.0 * n * n * D for n in lengths)
+    )
+    flops_square = transformer_flops([n_square + npref] * num_images, D, depth)
+    flops = {
+        "formula": "per layer per attention unit: 24*n*D^2 + 4*n^2*D; packed: units = images (n_i), "
+                   "square: units = images (n=(max_side/P)^2), vit_pytorch: units = padded groups",
+        "packed_gflop": flops_packed / 1e9,
+        "packed_incl_padding_tokens_gflop": flops_packed_padded / 1e9,
+        "square_gflop": flops_square / 1e9,
+    }
+    if lucid is not None:
+        flops["vit_pytorch_gflop"] = transformer_flops([lucid_L] * len(lucid_groups), D, depth) / 1e9
+        flops["flop_ratio_vit_pytorch_vs_packed"] = flops["vit_pytorch_gflop"] * 1e9 / flops_packed
+    flop_ratio = flops_square / flops_packed
+    flops["achieved_gflop_per_s"] = {
+        "packed": flops_packed / med["packed"] / 1e9,
+        "square_padded": flops_square / med["square_padded"] / 1e9,
+        "per_image": flops_packed / med["per_image"] / 1e9,
+    }
+
+    memory = {
+        "method": mem_method,
+        "packed_peak_bytes": peak_packed,
+        "per_image_sum_peak_bytes": sum(per_peaks),
+        "per_image_max_peak_bytes": max(per_peaks),
+        "square_padded_peak_bytes": peak_square,
+        "vit_pytorch_navit_peak_bytes": peak_lucid,
+        "packed_vs_per_image_sum": peak_packed / sum(per_peaks),
+        "note": "per_image_sum = sum over images of each single-image forward's peak; square / vit_pytorch "
+                "peaks are measured only in full (non --quick) runs",
+    }
+    equivalence = {
+        "max_abs_diff": max(diff_maps, diff_pooled),
+        "feature_maps_max_abs_diff": diff_maps,
+        "pooled_max_abs_diff": diff_pooled,
+        "square_plain_vit_vs_navit_path_max_abs_diff": square_check,
+    }
+
+    def target(value, op, threshold, metric):
+        ok = value <= threshold if op == "<=" else value >= threshold
+        return {"metric": metric, "value": value, "op": op, "threshold": threshold, "status": "PASS" if ok else "FAIL"}
+
+    targets = {
+        "ours_pad_fraction": target(packing["ours"]["pad_fraction"], "<=", 0.01, "packing.ours.pad_fraction"),
+        "packed_vs_square_padded": target(ratios["packed_vs_square_padded"], ">=", 0.9 * flop_ratio,
+                                          "ratios.packed_vs_square_padded >= 0.9 * flop_ratio_square_vs_packed"),
+        "packed_memory": target(peak_packed, "<=", 1.2 * sum(per_peaks),
+                                "memory.packed_peak_bytes <= 1.2 * memory.per_image_sum_peak_bytes"),
+    }
+    if lucid is not None:
+        targets["packed_vs_vit_pytorch_navit"] = target(ratios["packed_vs_vit_pytorch_navit"], ">=", 1.5,
+                                                        "ratios.packed_vs_vit_pytorch_navit")
+
+    result = {
+        "config": {
+            "model": args.model,
+            "depth": depth,
+            "embed_dim": D,
+            "num_heads": cfg.num_heads,
+            "mlp_dim": int(D * cfg.mlp_ratio),
+            "patch_size": P,
+            "attn_kernel": cfg.attn_kernel,
+            "max_side": args.max_side,
+            "seq_len": seq_len,
+            "tokens_per_square": n_square,
+            "num_images": num_images,
+            "seed": args.seed,
+            "quick": args.quick,
+            "quick_note": QUICK_NOTE if args.quick else None,
+            "warmup_rounds": warmup,
+            "timed_rounds": repeats,
+            "timing": "round-robin over variants, median of timed rounds, torch.no_grad, eval mode; "
+                      "packed/per_image/square exclude pack_images (inputs prebuilt), vit_pytorch includes "
+                      "its own patchify+grouping (see packed_incl_packing_* for ours with packing)",
+            "threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)"),
+            "omp_wait_policy_note": None if not _TORCH_PRELOADED else "torch was imported before the tool; policy not applied",
+            "device": str(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "image_sizes_hw": [list(s) for s in sizes],
+            "grids_hw": grids,
+            "vit_pytorch_note": "vit_pytorch NaViT differs in details (qk RMSNorm, bias-free linears, extra "
+                                "LayerNorms, pooled logits only, no feature maps) and uses a dense "
+                                "block-diagonal mask over each padded group",
+        },
+        "packing": packing,
+        "packing_time_s": {"pack_images_raw_images": pack_time_raw, "pack_images_resized_images": pack_time_resized},
+        "timings": {k: t.as_dict() for k, t in timings.items()},
+        "throughput": throughput,
+        "ratios": ratios,
+        "ratios_note": "ratios = median wall time of the baseline / median wall time of packed (same run, "
+                       "round-robin). ratios_cpu_time uses process CPU seconds (all threads) instead, "
+                       "ratios_min_wall the fastest round: both are less sensitive to other load on the machine",
+        "ratios_cpu_time": ratios_cpu,
+        "ratios_min_wall": ratios_min,
+        "ratios_per_round": per_round,
+        "load_average_1_5_15": {"before_timing": load_before, "after_timing": load_after},
+        "flop_ratio_square_vs_packed": flop_ratio,
+        "flops": flops,
+        "memory": memory,
+        "equivalence": equivalence,
+        "targets": targets,
+    }
+
+    # ---- summary ----------------------------------------------------------------------------
+    log("\nthroughput (imgs/s): " + ", ".join(f"{k[:-len('_imgs_per_s')]}={v:.2f}" for k, v in throughput.items()))
+    log("ratios: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()) + f" | flop_ratio_square_vs_packed={flop_ratio:.3f}")
+    log("ratios (cpu time): " + ", ".join(f"{k}={v:.3f}" for k, v in ratios_cpu.items()))
+    log("ratios (min wall): " + ", ".join(f"{k}={v:.3f}" for k, v in ratios_min.items()))
+    log(f"load average before/after timing: {load_before} / {load_after}")
+    log(f"memory: packed={human_bytes(peak_packed)} per_image_sum={human_bytes(sum(per_peaks))} "
+        f"per_image_max={human_bytes(max(per_peaks))}"
+        + (f" square={human_bytes(peak_square)}" if peak_square is not None else "")
+        + (f" vit_pytorch={human_bytes(peak_lucid)}" if peak_lucid is not None else ""))
+    log(f"equivalence max_abs_diff={equivalence['max_abs_diff']:.3e} (square plain-vs-navit {square_check})")
+    for name, t in targets.items():
+        log(f"target {name}: {t['status']} ({t['metric']}: {t['value']:.4g} {t['op']} {t['threshold']:.4g})")
+
+    if args.profile or any(t["status"] == "FAIL" for t in targets.values()):
+        with torch.no_grad():
+            result["profile"] = {
+                "packed": op_profile(fns["packed"]),
+                "square_padded": op_profile(fns["square_padded"]),
+            }
+        print_profile("profile: packed forward", result["profile"]["packed"])
+        print_profile("profile: square_padded forward", result["profile"]["square_padded"])
+
+    result["elapsed_s"] = time.perf_counter() - t_start
+    log(f"\nelapsed {result['elapsed_s']:.1f}s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        log(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
