@@ -209,3 +209,16 @@ def test_per_image_drop_seeds_do_not_depend_on_batch_composition():
     assert float(together.drop_rates[1]) == float(alone.drop_rates[0])
     with pytest.raises(ValueError, match="seed has 2 entries for 3 images"):
         nd.pack_images(images, 16, 64, 256, token_drop=drop, seed=[1, 2])
+
+
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40), capacity=st.integers(300, 1200))
+def test_capacity_search_never_worse_than_plain_balanced(lengths, capacity):
+    def area(bins):
+        longest = max(sum(lengths[i] for i in b) for b in bins)
+        return len(bins) * min(capacity, -(-longest // 8) * 8)
+
+    searched = pack_lengths(lengths, capacity, "balanced", shrink_multiple=8)
+    assert sorted(i for b in searched for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in searched)
+    assert area(searched) <= area(pack_lengths(lengths, capacity, "balanced"))
+    assert area(searched) >= sum(lengths)

@@ -102,6 +102,7 @@ def pack_lengths(
     capacity: int,
     algorithm: str = "balanced",
     max_images_per_seq: int | None = None,
+    shrink_multiple: int | None = None,
 ) -> list[list[int]]:
     """Assign item indices to bins of ``capacity`` tokens. Every index appears exactly once.
 
@@ -109,8 +110,10 @@ def pack_lengths(
     - ``first_fit_decreasing`` / ``best_fit_decreasing``: classic offline heuristics;
     - ``next_fit``: the streaming baseline (close a bin as soon as an item does not fit);
     - ``balanced`` (default): best-fit-decreasing decides the number of bins, then items are
-      spread across those bins so the fullest one is as short as possible; with a shrinkable
-      sequence length this leaves almost no padding.
+      spread across those bins so the fullest one is as short as possible. With
+      ``shrink_multiple`` (the sequence length may shrink to a multiple of it) it also searches
+      the bin capacity in [longest item, capacity] for the least total area
+      (bins x longest bin), which is what padding costs.
     Ties are broken by index, so the result is deterministic.
     """
     if algorithm not in PACKING_ALGORITHMS:
@@ -128,10 +131,32 @@ def pack_lengths(
         return _next_fit(natural, lengths, capacity, max_images_per_seq)
     if algorithm == "first_fit_decreasing":
         return _first_fit(decreasing, lengths, capacity, max_images_per_seq)
-    bins = _best_fit(decreasing, lengths, capacity, max_images_per_seq)
-    if algorithm == "balanced":
-        bins = _rebalance(bins, lengths, capacity, max_images_per_seq)
-    return bins
+    if algorithm == "best_fit_decreasing":
+        return _best_fit(decreasing, lengths, capacity, max_images_per_seq)
+    if not shrink_multiple:
+        return _rebalance(_best_fit(decreasing, lengths, capacity, max_images_per_seq), lengths, capacity, max_images_per_seq)
+    return _balanced_search(lengths, capacity, decreasing, max_images_per_seq, shrink_multiple)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _balanced_search(lengths, capacity, decreasing, max_images, multiple) -> list[list[int]]:
+    total = sum(lengths)
+    candidates = sorted({min(capacity, c) for c in range(_round_up(max(lengths), multiple), capacity + multiple, multiple)})
+    # Area can never beat ceil(total / c) * c: visit capacities by that bound and stop early.
+    bound = lambda c: -(-total // c) * c  # noqa: E731
+    best, best_area = None, None
+    for c in sorted(candidates, key=lambda c: (bound(c), -c)):
+        if best_area is not None and bound(c) >= best_area:
+            break
+        bins = _rebalance(_best_fit(decreasing, lengths, c, max_images), lengths, c, max_images)
+        longest = max(sum(lengths[i] for i in b) for b in bins)
+        area = len(bins) * min(capacity, _round_up(longest, multiple))
+        if best_area is None or area < best_area:
+            best, best_area = bins, area
+    return best
 
 
 def _as_image(image: torch.Tensor, index: int) -> torch.Tensor:
@@ -226,7 +251,7 @@ def pack_images(
         rates.append(rate)
 
     run_lengths = [len(k) + num_prefix_tokens for k in kept_idx]
-    bins = pack_lengths(run_lengths, seq_len, algorithm, max_images_per_seq)
+    bins = pack_lengths(run_lengths, seq_len, algorithm, max_images_per_seq, shrink_multiple=None if fixed_seq_len else pad_multiple)
     longest = max(sum(run_lengths[i] for i in b) for b in bins)
     L = seq_len if fixed_seq_len else min(seq_len, -(-longest // pad_multiple) * pad_multiple)
     return _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix_tokens, images[0])
