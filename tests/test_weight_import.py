@@ -39,7 +39,9 @@ def _pack_exact(images, patch_size: int, num_prefix: int, seq_len: int | None = 
     grids = [(im.shape[1] // patch_size, im.shape[2] // patch_size) for im in images]
     budgets = [h * w for h, w in grids]
     seq_len = seq_len or max(budgets) + num_prefix
-    batch = pack_images(images, patch_size, max_tokens=budgets, seq_len=seq_len, num_prefix_tokens=num_prefix)
+    # fixed_seq_len: keep images of different shapes sharing sequences (the capacity search
+    # would otherwise prefer one image per shorter sequence for these few images).
+    batch = pack_images(images, patch_size, max_tokens=budgets, seq_len=seq_len, num_prefix_tokens=num_prefix, fixed_seq_len=True)
     assert batch.grid_sizes.tolist() == [list(g) for g in grids]
     return batch
 

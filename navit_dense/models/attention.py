@@ -118,10 +118,12 @@ def _varlen_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_flex():
+def _compiled_flex(device_type: str):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    # Inductor's CPU flex template fails to compile with symbolic shapes (torch 2.14), so CPU
+    # compiles per shape; on CUDA let torch decide when to go dynamic.
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
 def _flex_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
@@ -137,7 +139,7 @@ def _flex_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
         return create_block_mask(same_image, S, None, L, L, device=str(seg.device))
 
     block_mask = ctx.cached("flex", build)
-    out = _compiled_flex()(q, k, v, block_mask=block_mask)
+    out = _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask)
     return _zero_padding(out.transpose(1, 2), ctx.batch)
 
 
