@@ -115,7 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=None, help="override the model depth")
     p.add_argument("--attn-kernel", default="auto", help="NaViTConfig.attn_kernel for the packed paths")
     p.add_argument("--max-side", type=int, default=512)
-    p.add_argument("--seq-len", type=int, default=None, help="default: 2 * (max_side / patch)^2")
+    p.add_argument("--seq-len", type=int, default=None, help="default: 8 * (max_side / patch)^2: NaViT-style long sequences holding several images "
+                   "(at 2x only 2-3 large images fit per sequence and no packer can get under ~3%% padding; "
+                   "see packing.optimal_bound and packing.seq_len_sweep)")
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -310,7 +312,7 @@ def main(argv=None) -> dict:
     cells = args.max_side // P
     n_square = cells * cells
     npref = model.num_prefix_tokens
-    seq_len = args.seq_len or 2 * (n_square + npref)
+    seq_len = args.seq_len or 8 * (n_square + npref)
     log(f"model {args.model} depth={depth} D={D} heads={cfg.num_heads} P={P} | max_side={args.max_side} "
         f"seq_len={seq_len} images={num_images} seed={args.seed} threads={threads} device={device}")
 
