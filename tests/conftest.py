@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,9 @@ import pytest
 import torch
 from hypothesis import settings
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests check correctness, not speed: tiny models run fastest on one intra-op thread, and a
+# second one stalls badly when the 2-core machine is shared (measured 5-60x slower steps).
+torch.set_num_threads(1)
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("ci")
 

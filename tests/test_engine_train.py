@@ -44,15 +44,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 threads on a loaded 2-core machine are several times slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(run_dir: Path, *overrides: str):
     return load_config(TOY, [f"output_dir={run_dir}", *TINY, *overrides])
 

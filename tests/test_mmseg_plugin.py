@@ -28,13 +28,9 @@ TINY = dict(arch="navit_ti16", depth=2, embed_dim=64, num_heads=2)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared CPU: one intra-op thread is faster and avoids OpenMP oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def mmseg_scope():
     init_default_scope("mmseg")
     yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(data_root: Path | None = None, work_dir: Path | None = None) -> Config:

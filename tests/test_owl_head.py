@@ -16,16 +16,6 @@ from navit_dense.models import build_backbone
 from navit_dense.models.owl_head import OwlHead, OwlOutput, compute_box_bias, postprocess, to_coco_results, token_boxes
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronization, and stalls badly
-    when the machine is busy (measured 20x slower training steps under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_backbone(patch_size: int = 8, dim: int = 64, **kw):
     return build_backbone("navit_ti16", patch_size=patch_size, depth=2, embed_dim=dim, num_heads=2, global_pool="avg", **kw)
 

@@ -28,14 +28,6 @@ from navit_dense.models.seg_heads import (
 P, K, DIM = 8, 5, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(kind: str, kernel: str = "segment", class_token: bool = True) -> Segmenter:
     torch.manual_seed(0)
     backbone = build_backbone("navit_ti16", patch_size=P, depth=2, embed_dim=DIM, num_heads=2, global_pool="none",

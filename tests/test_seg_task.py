@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "segmentation" / "segmenter_linear_tiny_synthetic.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 threads on a loaded 2-core machine are several times slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
