@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""LVIS / COCO detection evaluation from files; prints a table and writes JSON.
+"""LVIS / COCO detection evaluation: of a detections file, or of a model at several max resolutions.
 
     python tools/eval_lvis.py --gt lvis_v1_val.json --dets results.json \\
         [--iou-type bbox|segm|both] [--protocol standard|fixed|both] [--reference] [--json OUT]
+    python tools/eval_lvis.py --config CONFIG.yaml --checkpoint CKPT --max-res 256,384,512,768 \\
+        [--out DIR] [overrides ...]
+
+The sweep mode runs the model at each max resolution (token budget (max_res / P)^2, longer side
+<= max_res) in one command and writes a table (AP, APr, APc, APf, tokens per image, images/s,
+peak memory) as JSON and CSV plus a PNG plot of APr and AP against max resolution into --out.
 
 Metrics are AP, AP50, AP75, APs/m/l, APr/c/f (LVIS only) and AR, as fractions (-1 = undefined).
 ``--reference`` uses the official lvis API (slow) instead of the fast faster-coco-eval path;
@@ -43,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--gt", help="ground-truth JSON (LVIS or COCO format)")
     files.add_argument("--dets", help="detections JSON: a list of {image_id, category_id, score, bbox, [segmentation]}")
 
+    sweep = parser.add_argument_group("sweep mode: evaluate a checkpoint at several max resolutions")
+    sweep.add_argument("--config", help="the run's config YAML (as given to tools/train.py)")
+    sweep.add_argument("--checkpoint", help="checkpoint directory (or a run's checkpoints/last)")
+    sweep.add_argument("--max-res", default="256,384,512,768", help="comma-separated max image sides in pixels")
+    sweep.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../resolution_sweep)")
+    sweep.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val_json=...")
+
     common = parser.add_argument_group("evaluation options")
     common.add_argument("--iou-type", choices=IOU_TYPES + ("both",), default="bbox")
     common.add_argument("--protocol", choices=PROTOCOLS + ("both",), default="standard",
@@ -60,7 +73,24 @@ def select_mode(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if not (args.gt and args.dets):
             parser.error("file mode needs both --gt and --dets")
         return run_files
-    parser.error("nothing to evaluate: give --gt and --dets")
+    if args.config or args.checkpoint:
+        if not (args.config and args.checkpoint):
+            parser.error("sweep mode needs both --config and --checkpoint")
+        return run_sweep
+    parser.error("nothing to evaluate: give --gt and --dets, or --config and --checkpoint")
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    from navit_dense.engine.config import load_config
+    from navit_dense.evaluation.resolution_sweep import run_resolution_sweep
+
+    try:
+        max_res = [int(r) for r in args.max_res.split(",") if r.strip()]
+    except ValueError:
+        raise EvalInputError(f"--max-res: expected comma-separated integers, got {args.max_res!r}") from None
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "resolution_sweep"
+    rows = run_resolution_sweep(load_config(args.config, args.overrides), args.checkpoint, max_res, out)
+    return {"mode": "sweep", "format": "sweep", "rows": rows, "out": str(out)}
 
 
 def expand(choice: str, choices: tuple[str, ...]) -> tuple[str, ...]:
@@ -100,6 +130,11 @@ def run_files(args: argparse.Namespace) -> dict:
 
 
 def format_table(report: dict) -> str:
+    if report["mode"] == "sweep":
+        head = f"{'max_res':>7} {'tokens':>7} {'AP':>6} {'APr':>6} {'APc':>6} {'APf':>6} {'img/s':>7} {'peak MiB':>9}"
+        rows = [f"{r['max_res']:>7} {r['mean_tokens_per_image']:>7.0f} " + " ".join(f"{100 * r[k]:6.2f}" for k in ("AP", "APr", "APc", "APf"))
+                + f" {r['images_per_s']:>7.1f} {r['peak_mem_mb']:>9.0f}" for r in report["rows"]]  # fmt: skip
+        return "\n".join([head, "-" * len(head), *rows, f"(written to {report['out']})"])
     keys = LVIS_METRICS if report["format"] == "lvis" else COCO_METRICS
     head = f"{'iou':<5} {'protocol':<9} " + " ".join(f"{k:>6}" for k in keys) + f" {'sec':>7}"
     lines = [head, "-" * len(head)]

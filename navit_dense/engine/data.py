@@ -51,7 +51,9 @@ class _KeyedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: SampleKey):
-        seed = int(np.random.SeedSequence([self.seed, key.epoch, key.index]).generate_state(1)[0])
+        # Repeats of an image within an epoch (repeat-factor sampling) get their own augmentation.
+        entropy = [self.seed, key.epoch, key.index] + ([key.repeat] if key.repeat else [])
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         with _seeded(seed):
             return key, self.dataset[key.index]
 
@@ -93,6 +95,8 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         train=train,
         resolution=resolution,
         token_drop=token_drop,
+        # Optional dataset hook (e.g. LVIS repeat factors); only training repeats images.
+        repeat_factors=dataset.repeat_factors() if train and hasattr(dataset, "repeat_factors") else None,
     )
     collate = Collator(
         task,

@@ -2,7 +2,8 @@
 
 Every rank computes the same epoch plan from the seed alone (no communication):
 
-1. shuffle the image indices (seed, epoch);
+1. shuffle the image indices (seed, epoch); with repeat factors (LVIS repeat-factor sampling)
+   image i appears floor(r_i) times plus once more with probability frac(r_i), redrawn per epoch;
 2. give each image its token budget (fixed, or sampled per epoch with a ResolutionSampler)
    and its token cost from its size alone (``budget_grid``, before any decoding);
 3. cut the order into GLOBAL micro-batches of about ``tokens_per_batch`` tokens (never fewer
@@ -33,6 +34,7 @@ class SampleKey(NamedTuple):
     epoch: int
     step: int  # optimizer step within the epoch
     micro: int  # micro-batch within the step
+    repeat: int = 0  # occurrence of this image earlier in the epoch (repeat-factor sampling), 0 = first
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -82,9 +84,15 @@ class TokenBudgetSampler:
         train: bool = True,
         resolution: ResolutionSampler | None = None,
         token_drop: TokenDrop | None = None,
+        repeat_factors: Sequence[float] | None = None,
     ):
         if not sizes:
             raise ValueError("the dataset is empty")
+        if repeat_factors is not None:
+            repeat_factors = np.asarray(repeat_factors, dtype=np.float64)
+            if repeat_factors.shape != (len(sizes),) or (repeat_factors < 1).any():
+                raise ValueError(f"repeat_factors needs one value >= 1 per image ({len(sizes)} images)")
+        self.repeat_factors = repeat_factors if train else None
         self.sizes = [(int(h), int(w)) for h, w in sizes]
         self.patch_size = patch_size
         self.max_tokens_per_image = max_tokens_per_image
@@ -119,7 +127,7 @@ class TokenBudgetSampler:
                 for (h, w), b in zip(self.sizes, budgets)
             ]
             if self.train:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes)).tolist()
+                order = self._epoch_indices(epoch)
             else:
                 order = list(range(len(self.sizes)))
             micros, current, tokens = [], [], 0
@@ -136,20 +144,41 @@ class TokenBudgetSampler:
             self._plans = {epoch: (budgets, costs, steps)}  # keep only the current epoch
         return self._plans[epoch]
 
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        """The epoch's shuffled image indices, repeats included (a per-epoch list the
+        batching above consumes like any other order)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.repeat_factors is None:
+            return rng.permutation(len(self.sizes)).tolist()
+        r = self.repeat_factors
+        whole = np.floor(r)
+        # Its own stream, so the draw does not shift the shuffle of runs without repeats.
+        extra = np.random.default_rng([self.seed, epoch, 2]).random(len(r)) < r - whole
+        return rng.permutation(np.repeat(np.arange(len(r)), whole.astype(np.int64) + extra)).tolist()
+
     def steps_in_epoch(self, epoch: int) -> int:
         return len(self.plan(epoch)[2])
 
     def _shards(self) -> Iterator[list[SampleKey]]:
         budgets, costs, steps = self.plan(self.epoch)
-        for s in range(self.start_step, len(steps)):
+        seen: dict[int, int] = {}  # occurrences so far this epoch, counted on the global plan (same on every rank)
+        for s in range(len(steps)):
             for m, micro in enumerate(steps[s]):
-                mine = shard_by_tokens(micro, [costs[i] for i in micro], self.world_size)[self.rank]
-                if mine:  # only evaluation can leave a rank without images
-                    yield [SampleKey(i, budgets[i], self._sample_seed(i), self.epoch, s, m) for i in mine]
+                repeat = []
+                for i in micro:
+                    repeat.append(seen.get(i, 0))
+                    seen[i] = repeat[-1] + 1
+                if s < self.start_step:
+                    continue
+                positions = shard_by_tokens(list(range(len(micro))), [costs[i] for i in micro], self.world_size)[self.rank]
+                if positions:  # only evaluation can leave a rank without images
+                    keys = [(micro[p], repeat[p]) for p in positions]
+                    yield [SampleKey(i, budgets[i], self._sample_seed(i, r), self.epoch, s, m, r) for i, r in keys]
 
-    def _sample_seed(self, index: int) -> int:
-        # Per image, so its token-drop pattern is the same whatever rank or batch it lands in.
-        return int(np.random.SeedSequence([self.seed, self.epoch, index, 3]).generate_state(1)[0])
+    def _sample_seed(self, index: int, repeat: int = 0) -> int:
+        # Per image (and repeat), so its token-drop pattern is the same whatever rank or batch it lands in.
+        key = [self.seed, self.epoch, index, 3] + ([repeat] if repeat else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         return self._shards()

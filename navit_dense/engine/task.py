@@ -41,7 +41,9 @@ class TaskDataset(Protocol):
         """One sample; None marks a sample that had to be skipped (the engine drops and counts
         it). Draw augmentation randomness from the global random/numpy/torch RNGs: the engine
         seeds them per (seed, epoch, index), so samples do not depend on workers, ranks or
-        resumes. A dataset may also offer ``skip_summary() -> dict`` for the run summary."""
+        resumes. A dataset may also offer ``skip_summary() -> dict`` for the run summary, and
+        ``repeat_factors() -> Sequence[float]`` (one value >= 1 per image) to repeat images
+        in every training epoch (LVIS repeat-factor sampling; repeats get their own augmentation)."""
 
 
 class Evaluator(Protocol):
@@ -67,6 +69,7 @@ class PackPlan:
     num_prefix_tokens: int
     algorithm: str
     token_drop: TokenDrop | None  # None at evaluation
+    max_side: int | None = None  # cap on the longer side in pixels (a task may set it, e.g. resolution sweeps)
 
     def pack(self, images: Sequence[torch.Tensor]) -> PackedBatch:
         return pack_images(
@@ -78,6 +81,7 @@ class PackPlan:
             num_prefix_tokens=self.num_prefix_tokens,
             token_drop=self.token_drop,
             seed=self.seed,
+            max_side=self.max_side,
         )
 
 

@@ -1,0 +1,230 @@
+"""Evaluate one detection checkpoint at several input resolutions (NaViT's resolution knob).
+
+At max resolution R (pixels) every image is packed with a token budget of (R / P)^2 patches
+and its longer side capped at R, aspect ratio kept; the same weights are evaluated with the
+LVIS protocol at each R. Per resolution the sweep records AP, AP50, APr, APc, APf, the mean
+tokens per image, throughput and peak memory, and writes ``resolution_sweep.{json,csv,png}``.
+
+Usage (the CLI mode is ``tools/eval_lvis.py --config FILE --checkpoint CKPT --max-res ...``)::
+
+    # tools/eval_sweep_example
+    python tools/eval_lvis.py --config configs/detection/owl_navit_tiny_synthetic_lvis.yaml \\
+        --checkpoint runs/demo/owl_tiny/checkpoints/last --max-res 256,384,512,768
+
+    # from Python
+    from navit_dense.engine.config import load_config
+    from navit_dense.evaluation.resolution_sweep import run_resolution_sweep
+    cfg = load_config("configs/detection/owl_navit_tiny_synthetic_lvis.yaml")
+    rows = run_resolution_sweep(cfg, "runs/demo/owl_tiny/checkpoints/last", [128, 192, 256], "runs/demo/sweep")
+
+Throughput: ``images_per_s`` counts model forward time only (synchronized on CUDA), the part
+the resolution changes; ``eval_seconds`` is the whole pass (decoding, packing, forward,
+post-processing). Memory: on CUDA ``peak_mem_mb`` is ``torch.cuda.max_memory_allocated``
+during the pass. On CPU torch has no allocator statistics, so it is the process's peak
+resident set size during the pass: Linux's VmHWM, reset before each resolution by writing
+"5" to /proc/self/clear_refs (``mem_method`` "vmhwm"); it includes the model, Python and the
+dataset, and ``peak_mem_delta_mb`` subtracts the resident size at the start of the pass.
+Without /proc (``mem_method`` "ru_maxrss") the value is getrusage's lifetime peak, which
+never decreases: resolutions run in increasing order so each row still bounds its own need.
+Single process; run it outside torchrun.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from ..engine import checkpoint as ckpt
+from ..engine.config import Config, load_config, to_object
+from ..engine.data import build_loader
+from ..engine.distributed import init_distributed
+from ..engine.optim import find_backbone
+from ..engine.task import get_task
+from ..engine.trainer import autocast, to_device
+
+METRICS = ("AP", "AP50", "APr", "APc", "APf")
+COLUMNS = ("max_res", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
+           "eval_seconds", "peak_mem_mb", "peak_mem_delta_mb", "mem_method")  # fmt: skip
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak memory (MiB) of the code run between start() and stop(), see the module docstring."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = "cuda" if device.type == "cuda" else ("vmhwm" if self._can_reset() else "ru_maxrss")
+
+    @staticmethod
+    def _can_reset() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            _status_kb("VmHWM")
+            return True
+        except (OSError, AttributeError):
+            return False
+
+    def _now_mb(self) -> float:
+        if self.method == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        if self.method == "vmhwm":
+            return _status_kb("VmRSS") / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+    def start(self) -> None:
+        if self.method == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.method == "vmhwm":
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        self.base = self._now_mb()
+
+    def stop(self) -> tuple[float, float]:
+        """(peak, peak minus the value at start)."""
+        if self.method == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.method == "vmhwm":
+            peak = _status_kb("VmHWM") / 1024
+        else:
+            peak = self._now_mb()
+        return peak, peak - self.base
+
+
+def resolution_config(c: Config, max_res: int, patch_size: int, num_prefix_tokens: int) -> Config:
+    """The config evaluating at max resolution ``max_res``: budget (max_res / P)^2, longer side
+    <= max_res, sequences (and eval micro-batches) large enough for one such image."""
+    if not hasattr(c.data, "max_side"):
+        raise ValueError(f"task {c.task!r} has no data.max_side: the resolution sweep is for the detection task")
+    if max_res < patch_size:
+        raise ValueError(f"max resolution {max_res} is smaller than one {patch_size}-pixel patch")
+    budget = (max_res // patch_size) ** 2
+    need = budget + num_prefix_tokens
+    d = c.data
+    data = replace(d, max_tokens_per_image=budget, max_side=max_res, seq_len=max(d.seq_len, need),
+                   eval_tokens_per_batch=max(d.eval_tokens_per_batch or d.tokens_per_batch, need))  # fmt: skip
+    return replace(c, data=data)
+
+
+@torch.no_grad()
+def run_resolution_sweep(
+    cfg: DictConfig | Config | str | Path,
+    checkpoint: str | Path,
+    max_res_list: Sequence[int],
+    out_dir: str | Path,
+    *,
+    ema: bool | None = None,
+    split: str = "val",
+) -> list[dict]:
+    """Evaluate ``checkpoint`` at each max resolution (pixels); returns one row per resolution
+    (keys ``COLUMNS``) and writes resolution_sweep.json / .csv / .png into ``out_dir``.
+    cfg: the run's config (a loaded config, or a YAML path). ema: as in tools/evaluate.py."""
+    if isinstance(cfg, (str, Path)):
+        cfg = load_config(cfg)
+    c = cfg if isinstance(cfg, Config) else to_object(cfg)
+    if not max_res_list:
+        raise ValueError("max_res_list is empty")
+    env = init_distributed(c.train.device)
+    path = ckpt.resolve(checkpoint)
+    task = get_task(c.task)(c)
+    model = task.build_model().to(env.device)
+    model.load_state_dict(ckpt.load_weights(path, ema))
+    model.eval()
+    _, backbone = find_backbone(model)
+    dataset = task.build_dataset(split)
+    if dataset is None:
+        raise ValueError(f"task {c.task!r} has no {split!r} split with this config")
+    memory = PeakMemory(env.device)
+
+    rows = []
+    for max_res in sorted(int(r) for r in max_res_list):  # increasing: see the ru_maxrss fallback
+        c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens)
+        task.cfg = c_res  # the task keeps its loaded files; only packing settings change
+        loader = build_loader(task, dataset, c_res, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens,
+                              train=False, world_size=1, rank=0)  # fmt: skip
+        loader.batch_sampler.set_epoch(0)
+        evaluator = task.build_evaluator()
+        images = tokens = 0
+        forward_s = 0.0
+        memory.start()
+        t0 = time.perf_counter()
+        for m in loader:
+            batch, targets = to_device(m.batch, env.device), to_device(m.targets, env.device)
+            t_fwd = time.perf_counter()
+            with autocast(c.train.precision, env.device):
+                outputs = model(batch)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            forward_s += time.perf_counter() - t_fwd
+            evaluator.process(outputs, targets)
+            images += batch.num_images
+            tokens += int(batch.num_kept.sum())
+        seconds = time.perf_counter() - t0
+        peak, delta = memory.stop()
+        metrics = evaluator.metrics()
+        rows.append({
+            "max_res": max_res,
+            "max_tokens_per_image": c_res.data.max_tokens_per_image,
+            "mean_tokens_per_image": tokens / max(images, 1),
+            **{k: metrics[k] for k in METRICS},
+            "images": images,
+            "images_per_s": images / max(forward_s, 1e-9),
+            "eval_seconds": seconds,
+            "peak_mem_mb": peak,
+            "peak_mem_delta_mb": delta,
+            "mem_method": memory.method,
+        })  # fmt: skip
+        print(f"max_res {max_res}: AP {metrics['AP']:.4f} APr {metrics['APr']:.4f}, {rows[-1]['mean_tokens_per_image']:.0f} "
+              f"tokens/image, {rows[-1]['images_per_s']:.1f} images/s, peak {peak:.0f} MiB", flush=True)  # fmt: skip
+    task.cfg = c
+    write_sweep(rows, out_dir, {"checkpoint": str(path), "split": split, "task": c.task, "patch_size": backbone.patch_size,
+                                "device": str(env.device)})  # fmt: skip
+    return rows
+
+
+def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
+    """resolution_sweep.json (info + rows), .csv (COLUMNS) and .png (AP and APr, percent, against max resolution)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"resolution_sweep.{k}" for k in ("json", "csv", "png")}
+    paths["json"].write_text(json.dumps({**(info or {}), "rows": rows}, indent=1) + "\n")
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    res = [r["max_res"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("AP", "o-"), ("APr", "s-")):
+        # -1 means "undefined" (no GT in the group): not plotted.
+        pts = [(x, 100 * r[key]) for x, r in zip(res, rows) if r[key] >= 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key)
+    ax.set_xlabel("max resolution (pixels, longer side)")
+    ax.set_ylabel("LVIS box AP (%)")
+    ax.set_xticks(res)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if info and info.get("checkpoint"):
+        ax.set_title(f"resolution sweep: {Path(info['checkpoint']).parent.parent.name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=120)
+    plt.close(fig)
+    return paths
