@@ -156,6 +156,9 @@ def run_resolution_sweep(
         loader = build_loader(task, dataset, c_res, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens,
                               train=False, world_size=1, rank=0)  # fmt: skip
         loader.batch_sampler.set_epoch(0)
+        if not rows:  # one untimed forward first: one-time initialization (CUDA context, kernels) is not throughput
+            with autocast(c.train.precision, env.device):
+                model(to_device(next(iter(loader)).batch, env.device))
         evaluator = task.build_evaluator()
         images = tokens = 0
         forward_s = 0.0
