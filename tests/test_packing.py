@@ -222,3 +222,14 @@ def test_capacity_search_never_worse_than_plain_balanced(lengths, capacity):
     assert all(sum(lengths[i] for i in b) <= capacity for b in searched)
     assert area(searched) <= area(pack_lengths(lengths, capacity, "balanced"))
     assert area(searched) >= sum(lengths)
+
+
+def test_pack_native_keeps_each_image_grid_and_pixels():
+    images = [torch.rand(3, 70, 100), torch.rand(3, 130, 50)]
+    batch = nd.data.pack_native(images, 16, seq_len=64)
+    assert batch.grid_sizes.tolist() == [[5, 7], [9, 4]]  # ceil(h / 16) x ceil(w / 16), not the budget resize
+    for i, image in enumerate(images):
+        h, w = batch.grid_sizes[i].tolist()
+        padded = torch.nn.functional.pad(image, (0, w * 16 - image.shape[2], 0, h * 16 - image.shape[1]))
+        s, o = int(batch.seq_index[i]), int(batch.seq_offset[i])
+        torch.testing.assert_close(batch.patches[s, o : o + h * w], patchify(padded, 16), rtol=0, atol=0)

@@ -27,8 +27,6 @@ class colours blended over the image, ignored pixels left uncoloured) at the lar
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import time
 from dataclasses import replace
@@ -45,7 +43,7 @@ from navit_dense.engine.distributed import init_distributed
 from navit_dense.engine.optim import find_backbone
 from navit_dense.engine.task import get_task
 from navit_dense.engine.trainer import autocast, to_device
-from navit_dense.evaluation.resolution_sweep import PeakMemory
+from navit_dense.evaluation.resolution_sweep import PeakMemory, write_tables
 
 METRICS = ("mIoU", "mAcc", "aAcc")
 COLUMNS = ("max_res", "mode", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
@@ -142,14 +140,7 @@ def run_seg_sweep(cfg, checkpoint: str | Path, max_res_list: Sequence[int], out_
 
 def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
     """resolution_sweep.json (info + rows), .csv (COLUMNS) and .png (mIoU and images/s against R)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"resolution_sweep.{k}" for k in ("json", "csv", "png")}
-    paths["json"].write_text(json.dumps({**(info or {}), "rows": rows}, indent=1) + "\n")
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+    paths = write_tables(rows, out_dir, COLUMNS, info)
 
     import matplotlib
 

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .packed_batch import PackedBatch
 from .patchify import patchify
@@ -255,6 +256,26 @@ def pack_images(
     longest = max(sum(run_lengths[i] for i in b) for b in bins)
     L = seq_len if fixed_seq_len else min(seq_len, -(-longest // pad_multiple) * pad_multiple)
     return _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix_tokens, images[0])
+
+
+def pack_native(
+    images: Sequence[torch.Tensor], patch_size: int, seq_len: int = 0, num_prefix_tokens: int = 0, **pack_kwargs
+) -> PackedBatch:
+    """Pack images exactly at their own resolution: each is zero-padded bottom/right to a patch
+    multiple and keeps its own grid (never resampled), so patch (r, c) covers pixels
+    [P*r, P*(r+1)) x [P*c, P*(c+1)) and features stay aligned with image coordinates.
+    For frameworks that already resized their inputs (detectron2, mmseg). ``seq_len`` is raised
+    to fit the largest image."""
+    padded = [F.pad(im, (0, -im.shape[-1] % patch_size, 0, -im.shape[-2] % patch_size)) for im in images]
+    grids = [(im.shape[-2] // patch_size, im.shape[-1] // patch_size) for im in padded]
+    budgets = [h * w for h, w in grids]
+    batch = pack_images(
+        padded, patch_size, max_tokens=budgets, seq_len=max(seq_len, max(budgets) + num_prefix_tokens),
+        num_prefix_tokens=num_prefix_tokens, **pack_kwargs,
+    )  # fmt: skip
+    if batch.grid_sizes.tolist() != [list(g) for g in grids]:  # the budget grid of a patch multiple is itself
+        raise AssertionError("pack_native: an image was resampled")
+    return batch
 
 
 def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like) -> PackedBatch:

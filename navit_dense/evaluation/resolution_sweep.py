@@ -198,16 +198,23 @@ def run_resolution_sweep(
     return rows
 
 
-def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
-    """resolution_sweep.json (info + rows), .csv (COLUMNS) and .png (AP and APr, percent, against max resolution)."""
+def write_tables(rows: list[dict], out_dir: str | Path, columns: Sequence[str], info: dict | None = None) -> dict[str, Path]:
+    """resolution_sweep.json (info + rows) and .csv (``columns``); returns those paths and the
+    .png path for the task's own plot. Shared by the detection and segmentation sweeps."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"resolution_sweep.{k}" for k in ("json", "csv", "png")}
     paths["json"].write_text(json.dumps({**(info or {}), "rows": rows}, indent=1) + "\n")
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
+        writer.writerows({k: r[k] for k in columns} for r in rows)
+    return paths
+
+
+def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
+    """resolution_sweep.json (info + rows), .csv (COLUMNS) and .png (AP and APr, percent, against max resolution)."""
+    paths = write_tables(rows, out_dir, COLUMNS, info)
 
     import matplotlib
 

@@ -16,7 +16,6 @@ from functools import partial
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import CfgNode
@@ -29,7 +28,7 @@ from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
-from ...data.packing import pack_images
+from ...data.packing import pack_native
 from ...models.navit import NaViT, build_backbone
 from ...models.pyramid import SimpleFeaturePyramid
 
@@ -109,16 +108,8 @@ class NaViTSimpleFPBackbone(Backbone):
                 else (-(-max(im.shape[-2] for im in images) // d) * d, -(-max(im.shape[-1] for im in images) // d) * d)
             )
         P = self.net.patch_size
-        images = [F.pad(im, (0, -im.shape[-1] % P, 0, -im.shape[-2] % P)) for im in images]
-        sizes = [(im.shape[-2], im.shape[-1]) for im in images]
-        budgets = [(h // P) * (w // P) for h, w in sizes]
-        prefix = self.net.num_prefix_tokens
-        batch = pack_images(
-            images, P, max_tokens=budgets, seq_len=max(self.seq_len, max(budgets) + prefix), num_prefix_tokens=prefix
-        )
-        # A patch-multiple image with a budget of its own grid keeps that grid (no resampling);
-        # anything else would silently misalign features and boxes.
-        assert batch.resized_sizes.tolist() == [list(s) for s in sizes], "pack_images resized an image"
+        batch = pack_native(images, P, self.seq_len, self.net.num_prefix_tokens)
+        sizes = [tuple(s) for s in batch.resized_sizes.tolist()]  # patch-padded (h, w) per image
         maps = self.net(batch.to(images[0].device)).feature_maps  # per image [D, h_i/P, w_i/P]
 
         H, W = padded_size

@@ -10,7 +10,7 @@ need a common size, so:
    of the padded batch using its ``img_shape`` (the un-padded size mmseg records in every
    ``SegDataSample``) and hands the crops to the backbone, with the batch size.
 2. :class:`NaViTMMSegBackbone` zero-pads each crop on the bottom/right to whole patches only
-   (ceil(h/P) x ceil(w/P)), packs all crops with ``pack_images`` at exactly that many tokens
+   (ceil(h/P) x ceil(w/P)), packs all crops with ``pack_native`` at exactly that many tokens
    (no resampling: patch (r, c) covers pixels [P*r, P*(r+1)) x [P*c, P*(c+1))), runs NaViT
    once on the packed sequences (attention stays within each image), resamples every image's
    maps on its own grid, and scatters them top-left into zero canvases, one per level.
@@ -48,7 +48,7 @@ from mmseg.models.segmentors import EncoderDecoder
 from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
-from ...data.packing import pack_images
+from ...data.packing import pack_native
 from ...models.navit import build_backbone
 from ...models.pyramid import _scale_stage
 
@@ -143,16 +143,8 @@ class NaViTMMSegBackbone(BaseModule):
         if padded_size is None:
             padded_size = (max(im.shape[-2] for im in images), max(im.shape[-1] for im in images))
         P = self.patch_size
-        images = [F.pad(im, (0, -im.shape[-1] % P, 0, -im.shape[-2] % P)) for im in images]
-        sizes = [(im.shape[-2], im.shape[-1]) for im in images]
-        budgets = [(h // P) * (w // P) for h, w in sizes]
-        prefix = self.net.num_prefix_tokens
-        batch = pack_images(
-            images, P, max_tokens=budgets, seq_len=max(self.seq_len, max(budgets) + prefix), num_prefix_tokens=prefix
-        )
-        # A patch-multiple image with a budget of its own grid keeps that grid; anything else
-        # would silently misalign features and labels.
-        assert batch.resized_sizes.tolist() == [list(s) for s in sizes], "pack_images resized an image"
+        batch = pack_native(images, P, self.seq_len, self.net.num_prefix_tokens)
+        sizes = [tuple(s) for s in batch.resized_sizes.tolist()]  # patch-padded (h, w) per image
         maps = self.net(batch.to(images[0].device)).intermediates  # layer -> per image [D, h_i/P, w_i/P]
 
         Hc, Wc = self.canvas_size(*padded_size)
