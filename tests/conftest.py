@@ -19,6 +19,19 @@ settings.load_profile("ci")
 PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "text.png", "hubble_deep_field.jpg")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (the CLIs are scripts, not package modules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def skimage_data_dir() -> Path:
     import skimage.data
 

@@ -5,7 +5,6 @@ sampling in the engine's sampler, and detections coming back in original image c
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 
 from navit_dense.data.detection import lvis_repeat_factors, resize
@@ -28,26 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "detection" / "owl_navit_tiny_synthetic_lvis.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 threads on a loaded 2-core machine are several times slower than 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_lvis")
-    _tool("make_synthetic_lvis").main(["--out", str(out), "--train-images", "24", "--val-images", "12", "--num-classes", "8",
+    load_tool("make_synthetic_lvis").main(["--out", str(out), "--train-images", "24", "--val-images", "12", "--num-classes", "8",
                                        "--min-side", "64", "--max-side", "128"])  # fmt: skip
     return out
 
@@ -69,7 +53,7 @@ def overrides(data: Path, run_dir: Path) -> list[str]:
 def trained_run(data, tmp_path_factory) -> tuple[Path, list[str]]:
     run_dir = tmp_path_factory.mktemp("run") / "owl"
     args = overrides(data, run_dir)
-    assert _tool("train").main(["--config", str(TINY_CONFIG), *args]) == 0
+    assert load_tool("train").main(["--config", str(TINY_CONFIG), *args]) == 0
     return run_dir, args
 
 
@@ -85,7 +69,7 @@ def test_train_checkpoint_and_evaluate_through_the_tools(trained_run, tmp_path):
     assert final_eval["step"] == 4 and final_eval["images"] == 12
 
     out = tmp_path / "eval.json"
-    assert _tool("evaluate").main(["--config", str(TINY_CONFIG), "--checkpoint", str(run_dir / "checkpoints" / "last"),
+    assert load_tool("evaluate").main(["--config", str(TINY_CONFIG), "--checkpoint", str(run_dir / "checkpoints" / "last"),
                                    "--output", str(out), *args]) == 0  # fmt: skip
     report = json.loads(out.read_text())
     metrics = report["metrics"]

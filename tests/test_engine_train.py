@@ -4,7 +4,6 @@ and the tools."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 import torch
 from safetensors.torch import load_file
 
@@ -285,11 +285,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
 
 # ---- tools -----------------------------------------------------------------------------------------
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_tool = load_tool
 
 
 @pytest.mark.parametrize("name, option", [("train", "--resume"), ("evaluate", "--checkpoint")])

@@ -5,13 +5,13 @@ the evaluator's DDP merge, and a tiny train -> evaluate -> resolution sweep end 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 from PIL import Image
 
@@ -29,17 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "segmentation" / "segmenter_linear_tiny_synthetic.yaml"
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_seg")
-    _tool("make_synthetic_seg").make_synthetic_seg(out, seed=0, n_train=32, n_val=8, min_side=64, max_side=160)
+    load_tool("make_synthetic_seg").make_synthetic_seg(out, seed=0, n_train=32, n_val=8, min_side=64, max_side=160)
     return out
 
 
@@ -194,7 +187,7 @@ def test_train_evaluate_and_resolution_sweep(data, tmp_path):
     assert slide["images"] == 8 and 0 <= slide["mIoU"] <= 100 and slide != trained
 
     out = tmp_path / "sweep"
-    tool = _tool("eval_seg")
+    tool = load_tool("eval_seg")
     assert tool.main(["--config", str(CONFIG), "--checkpoint", str(path), "--max-res", "96,128", "--out", str(out),
                       "--visualize", "2", *_overrides(cfg)]) == 0  # fmt: skip
     report = json.loads((out / "resolution_sweep.json").read_text())
