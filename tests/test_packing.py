@@ -71,10 +71,9 @@ def test_budget_grid_respects_budget_and_aspect(height, width, budget, max_side)
         assert max(h, w) * P <= max_side
     # each side within one patch of the exact aspect ratio (unless pinned at one patch)
     if h > 1 and w > 1:
-        scale_h, scale_w = h / height, w / width
-        assert abs(h - width * scale_h * height / width) < 1 + 1e-6
-        assert abs(w - height * scale_w * width / height) < 1 + 1e-6
-        assert max(scale_h, scale_w) / min(scale_h, scale_w) <= max(h / (h - 1), w / (w - 1)) + 1e-6
+        # one scale s explains both sides: h = ceil(H * s) and w = ceil(W * s), i.e. the
+        # intervals ((h - 1) / H, h / H] and ((w - 1) / W, w / W] overlap
+        assert max((h - 1) / height, (w - 1) / width) < min(h / height, w / width) + 1e-12
     # the budget is used: one more step of scale would not fit
     h2, w2 = budget_grid(height, width, P, budget + max(h, w) * 4, max_side=max_side)
     assert h2 >= h and w2 >= w
