@@ -112,7 +112,8 @@ def test_pack_images_layout(sizes, budget, algorithm, prefix):
         torch.testing.assert_close(batch.frac_positions[s, run, 1], (cols.float() + 0.5) / w)
         assert bool((batch.token_index[s, o : o + prefix] == -1).all())
         assert bool(batch.prefix_mask[s, o : o + prefix].all())
-    assert bool((batch.patches[batch.padding_mask] == 0).all())
+    # The buffer is allocated uninitialised: every slot no patch was copied to must be zero.
+    assert bool((batch.patches[batch.padding_mask | batch.prefix_mask] == 0).all())
 
 
 def test_balanced_packing_has_little_padding():
@@ -188,6 +189,22 @@ def test_bad_images_are_rejected_with_clear_errors(image, message):
     with pytest.raises((ValueError, TypeError), match=message) as info:
         nd.pack_images([torch.rand(3, 32, 32), image], 16, 16, 64)
     assert "images[1]" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_pixel_is_rejected(bad):
+    image = torch.rand(3, 48, 40)
+    image[2, 47, 0] = bad
+    with pytest.raises(ValueError, match=r"images\[0\]: contains NaN or infinite"):
+        nd.pack_images([image], 16, 16, 64)
+
+
+def test_huge_finite_pixels_are_accepted():
+    # Their sum overflows to inf: the fast finite test must fall back to the exact one.
+    image = torch.full((3, 32, 32), 3e38)
+    assert not torch.isfinite(image.sum())
+    batch = nd.pack_images([image], 16, 4, 64)
+    assert bool((batch.patches[~batch.padding_mask] == 3e38).all())
 
 
 def test_image_larger_than_sequence():

@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from navit_dense.data import pack_images
 from navit_dense.models import build_backbone
@@ -17,6 +19,7 @@ from navit_dense.models.seg_heads import (
     MaskTransformerDecoder,
     Segmenter,
     build_decoder,
+    class_map,
     decoder_layout,
     merge_windows,
     seg_loss_sum,
@@ -214,3 +217,22 @@ def test_other_images_and_padding_do_not_change_an_images_loss_or_gradients(kern
     torch.testing.assert_close(grad1, grad2, atol=1e-6, rtol=1e-5)
     assert grad1.abs().sum() > 0
     assert pad_grad1.abs().max() == 0 and pad_grad2.abs().max() == 0
+
+
+@given(
+    k=st.integers(1, 12), h=st.integers(1, 9), w=st.integers(1, 9),
+    levels=st.integers(1, 4), nans=st.integers(0, 3), seed=st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_class_map_is_argmax_including_ties_and_nan(k, h, w, levels, nans, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # Few distinct values -> many ties; a few NaNs (argmax treats NaN as the maximum).
+    logits = torch.randint(0, levels, (k, h, w), generator=gen).float()
+    flat = logits.view(-1)
+    flat[torch.randint(0, flat.numel(), (nans,), generator=gen)] = float("nan")
+    assert torch.equal(class_map(logits), logits.argmax(0))
+    assert class_map(logits).dtype == torch.int64
+
+
+def test_class_map_rejects_other_shapes():
+    with pytest.raises(ValueError, match=r"\[K, H, W\]"):
+        class_map(torch.zeros(1, 2, 3, 4))

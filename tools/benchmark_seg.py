@@ -31,10 +31,16 @@ generated under --work-dir unless --data-root is given; metrics use the validati
 
 Every method starts from the same decoded BGR uint8 arrays (what mmseg's loader yields) and
 ends with an int prediction at the image's original size: images/s covers resizing, normalization,
-packing / mmseg's pipeline, forward, upsampling and argmax (decoding and metric updates
-excluded). All three resize the uint8 image with cv2 bilinear before normalizing (mmseg's Resize)
-and take the same ``argmax(0)`` of [K, H, W] logits as mmseg's post-processing, so the
-differences measured are packing and batching, not pre/post-processing implementations. Methods are interleaved chunk by chunk (--batch images) so load changes on a
+packing / mmseg's pipeline, forward, upsampling and class ids (decoding and metric updates
+excluded). All three resize the uint8 image with cv2 bilinear before normalizing (mmseg's Resize).
+Class ids: (a) and (b) use navit_dense's ``class_map`` (ids identical to ``argmax(0)``, tested),
+(c) mmseg's ``postprocess_result`` (``argmax(0)``, several times slower on CPU for a leading
+dim). Each row therefore also splits wall ms/image into stages, so the gain from packing
+(``forward``: backbone + head) is visible apart from post-processing:
+``prepare`` (a, b: resize + normalize (+ pad); c: test pipeline, collate, SegDataPreProcessor),
+``pack`` (pack_images; c: none), ``forward``, ``postprocess`` (upsampling to the original size
++ class ids; c: the head's predict_by_feat + postprocess_result, timed in place).
+Methods are interleaved chunk by chunk (--batch images) so load changes on a
 shared machine hit all three alike; ``cpu_images_per_s`` uses process CPU time instead of wall
 time (less sensitive to being descheduled). mIoU/mAcc/aAcc: navit_dense.evaluation.seg_metrics
 (= mmseg IoUMetric) against the original labels. Tokens per image: patch tokens the backbone
@@ -64,8 +70,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("native", "square", "mmseg")
 LABELS = {"native": "(a) NaViT packed native", "square": "(b) square-padded", "mmseg": "(c) mmseg inference_model, bs 1"}
+STAGES = ("prepare", "pack", "forward", "postprocess")
 COLUMNS = ("max_res", "method", "images", "images_per_s", "cpu_images_per_s", "seconds", "tokens_per_image",
-           "peak_mem_mb", "mIoU", "mAcc", "aAcc", "agreement_with_mmseg")  # fmt: skip
+           "peak_mem_mb", "mIoU", "mAcc", "aAcc", "agreement_with_mmseg", *(f"{k}_ms_per_image" for k in STAGES))  # fmt: skip
 MEAN = [123.675, 116.28, 103.53]  # RGB, 0..255 (SegDataPreProcessor)
 STD = [58.395, 57.12, 57.375]
 
@@ -174,40 +181,61 @@ def resize_bgr(bgr: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def run_native(segmenter, bgrs, R: int) -> list[torch.Tensor]:
+def run_native(segmenter, bgrs, R: int, clock) -> list[torch.Tensor]:
     from navit_dense.data.packing import pack_images
     from navit_dense.data.resize import budget_grid
-    from navit_dense.models.seg_heads import upsample
+    from navit_dense.models.seg_heads import class_map, upsample
 
     budget = (R // 16) ** 2
-    grids = [budget_grid(*b.shape[:2], 16, budget, max_side=R) for b in bgrs]  # fits R x R, whole patches
-    images = [to_normalized(resize_bgr(b, gh * 16, gw * 16)) for b, (gh, gw) in zip(bgrs, grids)]
-    # Each image already has its grid's size, so pack_images only patchifies and packs.
-    out = segmenter(pack_images(images, 16, max_tokens=[gh * gw for gh, gw in grids], seq_len=2 * budget))
-    return [upsample(lg, b.shape[:2]).argmax(0) for lg, b in zip(out.logits, bgrs)]
+    with clock("prepare"):
+        grids = [budget_grid(*b.shape[:2], 16, budget, max_side=R) for b in bgrs]  # fits R x R, whole patches
+        images = [to_normalized(resize_bgr(b, gh * 16, gw * 16)) for b, (gh, gw) in zip(bgrs, grids)]
+    with clock("pack"):  # each image already has its grid's size: pack_images only patchifies and packs
+        batch = pack_images(images, 16, max_tokens=[gh * gw for gh, gw in grids], seq_len=2 * budget)
+    with clock("forward"):
+        logits = segmenter(batch).logits
+    with clock("postprocess"):
+        return [class_map(upsample(lg, b.shape[:2])) for lg, b in zip(logits, bgrs)]
 
 
 @torch.no_grad()
-def run_square(segmenter, bgrs, R: int) -> list[torch.Tensor]:
+def run_square(segmenter, bgrs, R: int, clock) -> list[torch.Tensor]:
     from navit_dense.data.packing import pack_images
-    from navit_dense.models.seg_heads import upsample
+    from navit_dense.models.seg_heads import class_map, upsample
 
     squares, fitted = [], []
-    for bgr in bgrs:
-        h, w = fit_size(*bgr.shape[:2], R)
-        x = to_normalized(resize_bgr(bgr, h, w))
-        squares.append(F.pad(x, (0, R - w, 0, R - h)))  # 0 = the mean colour after normalization
-        fitted.append((h, w))
+    with clock("prepare"):
+        for bgr in bgrs:
+            h, w = fit_size(*bgr.shape[:2], R)
+            x = to_normalized(resize_bgr(bgr, h, w))
+            squares.append(F.pad(x, (0, R - w, 0, R - h)))  # 0 = the mean colour after normalization
+            fitted.append((h, w))
     budget = (R // 16) ** 2
-    out = segmenter(pack_images(squares, 16, max_tokens_per_image=budget, seq_len=budget))
-    return [upsample(upsample(lg, (R, R))[:, :h, :w], b.shape[:2]).argmax(0) for lg, (h, w), b in zip(out.logits, fitted, bgrs)]
+    with clock("pack"):
+        batch = pack_images(squares, 16, max_tokens_per_image=budget, seq_len=budget)
+    with clock("forward"):
+        logits = segmenter(batch).logits
+    with clock("postprocess"):
+        return [class_map(upsample(upsample(lg, (R, R))[:, :h, :w], b.shape[:2])) for lg, (h, w), b in zip(logits, fitted, bgrs)]
 
 
 @torch.no_grad()
-def run_mmseg(model, bgrs) -> list[torch.Tensor]:
+def run_mmseg(model, bgrs, clock) -> list[torch.Tensor]:
+    """mmseg's own inference; its forward and post-processing methods are timed in place, the
+    rest of the wall time (test pipeline, collate, SegDataPreProcessor) is its "prepare"."""
     from mmseg.apis import inference_model
 
-    return [inference_model(model, bgr).pred_sem_seg.data[0] for bgr in bgrs]
+    stages = {
+        "forward": [(model, "extract_feat"), (model.decode_head, "forward")],
+        "postprocess": [(model.decode_head, "predict_by_feat"), (model, "postprocess_result")],
+    }
+    timed_before = sum(clock.seconds.get(k, 0.0) for k in stages)
+    t0 = time.perf_counter()
+    with clock.methods(stages):
+        preds = [inference_model(model, bgr).pred_sem_seg.data[0] for bgr in bgrs]
+    timed = sum(clock.seconds.get(k, 0.0) for k in stages) - timed_before
+    clock.add("prepare", time.perf_counter() - t0 - timed)
+    return preds
 
 
 def set_mmseg_resolution(model, R: int) -> None:
@@ -232,7 +260,7 @@ def tokens_per_image(method: str, sizes, R: int) -> float:
 # ---- benchmark -------------------------------------------------------------------------------
 def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> list[dict]:
     from navit_dense.evaluation.seg_metrics import SegMetric
-    from navit_dense.utils.benchmark import peak_memory
+    from navit_dense.utils.benchmark import StageClock, peak_memory
 
     rows = []
     chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
@@ -240,14 +268,15 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
         if R % 16:
             raise ValueError(f"max resolution {R} is not a multiple of the patch size 16")
         set_mmseg_resolution(model, R)
+        clocks = {m: StageClock() for m in METHODS}
         run = {
-            "native": lambda bgrs: run_native(segmenter, bgrs, R),
-            "square": lambda bgrs: run_square(segmenter, bgrs, R),
-            "mmseg": lambda bgrs: run_mmseg(model, bgrs),
+            "native": lambda bgrs, clock: run_native(segmenter, bgrs, R, clock),
+            "square": lambda bgrs, clock: run_square(segmenter, bgrs, R, clock),
+            "mmseg": lambda bgrs, clock: run_mmseg(model, bgrs, clock),
         }
         first = [s[0] for s in chunks[0]]
         for m in METHODS:  # warm-up (allocator, first-call overheads), untimed
-            run[m](first[:2])
+            run[m](first[:2], StageClock())
         wall = dict.fromkeys(METHODS, 0.0)
         cpu = dict.fromkeys(METHODS, 0.0)
         metrics = {m: SegMetric(num_classes=8) for m in METHODS}
@@ -257,7 +286,7 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
             preds = {}
             for m in METHODS:
                 c0, t0 = time.process_time(), time.perf_counter()
-                preds[m] = run[m](bgrs)
+                preds[m] = run[m](bgrs, clocks[m])
                 wall[m] += time.perf_counter() - t0
                 cpu[m] += time.process_time() - c0
             for m in METHODS:
@@ -269,7 +298,7 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
                     agree[m][1] += int(valid.sum())
         sizes = [s[0].shape[:2] for s in samples]
         for m in METHODS:
-            peak, _ = peak_memory(lambda: run[m](first))
+            peak, _ = peak_memory(lambda: run[m](first, StageClock()))
             res = metrics[m].compute()
             rows.append({
                 "max_res": R, "method": m, "images": len(samples),
@@ -277,9 +306,11 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
                 "seconds": round(wall[m], 3), "tokens_per_image": round(tokens_per_image(m, sizes, R), 1),
                 "peak_mem_mb": round(peak / 2**20, 1), "mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"],
                 "agreement_with_mmseg": round(100 * agree[m][0] / max(agree[m][1], 1), 2),
+                **{f"{k}_ms_per_image": round(1000 * clocks[m].seconds.get(k, 0.0) / len(samples), 2) for k in STAGES},
             })  # fmt: skip
+            stages = " ".join(f"{k} {rows[-1][f'{k}_ms_per_image']:.1f}" for k in STAGES)
             log(f"R={R:4d} {LABELS[m]:32s} {rows[-1]['images_per_s']:7.2f} img/s  {rows[-1]['tokens_per_image']:7.1f} tok/img  "
-                f"peak {rows[-1]['peak_mem_mb']:7.1f} MiB  mIoU {res['mIoU']:.2f}")  # fmt: skip
+                f"peak {rows[-1]['peak_mem_mb']:7.1f} MiB  mIoU {res['mIoU']:.2f}  ms/img: {stages}")  # fmt: skip
     return rows
 
 
@@ -291,6 +322,8 @@ def summarize(rows) -> dict:
         out[str(R)] = {
             "native_over_mmseg_speed": round(a["images_per_s"] / c["images_per_s"], 2),
             "native_over_mmseg_cpu_speed": round(a["cpu_images_per_s"] / c["cpu_images_per_s"], 2),
+            # The packing / batching part alone: backbone + head time per image, (c) over (a).
+            "native_over_mmseg_forward_speed": round(c["forward_ms_per_image"] / max(a["forward_ms_per_image"], 1e-9), 2),
             "native_over_square_speed": round(a["images_per_s"] / b["images_per_s"], 2),
             "native_minus_square_mIoU": round(a["mIoU"] - b["mIoU"], 2),
             "native_over_square_tokens": round(a["tokens_per_image"] / b["tokens_per_image"], 3),
@@ -401,6 +434,7 @@ def main(argv=None) -> int:
                            "c: those images one by one): CPU = peak live torch tensor bytes (torch.profiler profile_memory), weights excluded",
             "tokens_per_image": "patch tokens the backbone ran per image (mean)",
             "agreement_with_mmseg": "percent of labelled pixels where the method's prediction equals (c)'s",
+            "<stage>_ms_per_image": "wall ms per image in prepare / pack / forward / postprocess (see the tool's docstring)",
         },  # fmt: skip
         "env": {"threads": threads, "batch": args.batch, "torch": torch.__version__, "mmseg": mmseg.__version__,
                 "python": platform.python_version(), "cpu_count": os.cpu_count(), "loadavg_1_5_15": list(os.getloadavg()),
@@ -416,7 +450,8 @@ def main(argv=None) -> int:
     if args.plot:
         plot(rows, Path(args.plot))
     for R, s in report["summary"].items():
-        print(f"R={R}: (a)/(c) speed {s['native_over_mmseg_speed']}x (cpu {s['native_over_mmseg_cpu_speed']}x), "
+        print(f"R={R}: (a)/(c) speed {s['native_over_mmseg_speed']}x (cpu {s['native_over_mmseg_cpu_speed']}x, "
+              f"forward only {s['native_over_mmseg_forward_speed']}x), "
               f"(a)/(b) speed {s['native_over_square_speed']}x, mIoU (a)-(b) {s['native_minus_square_mIoU']:+.2f}")  # fmt: skip
     return 0
 

@@ -169,7 +169,9 @@ def _as_image(image: torch.Tensor, index: int) -> torch.Tensor:
         raise TypeError(f"images[{index}]: expected a floating-point tensor, got {image.dtype} (convert and normalize first)")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"images[{index}]: zero-size image {tuple(image.shape)}")
-    if not bool(torch.isfinite(image).all()):
+    # One reduction instead of a full-size boolean mask: a NaN or inf anywhere makes the sum
+    # non-finite; only then (or on overflow of huge finite values) is the exact test needed.
+    if not bool(torch.isfinite(image.sum())) and not bool(torch.isfinite(image).all()):
         raise ValueError(f"images[{index}]: contains NaN or infinite pixel values")
     return image
 
@@ -281,7 +283,9 @@ def pack_native(
 def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like) -> PackedBatch:
     S, N = len(bins), len(tokens)
     dim = tokens[0].shape[1]
-    patches = torch.zeros(S, L, dim, dtype=like.dtype, device=like.device)
+    # Not torch.zeros: only prefix slots and the tail are zeroed below, the rest is overwritten
+    # (zero-filling the whole [S, L, C*P*P] buffer cost as much as the copy itself).
+    patches = torch.empty(S, L, dim, dtype=like.dtype, device=like.device)
     segment_ids = torch.full((S, L), -1, dtype=torch.long)
     positions = torch.zeros(S, L, 2, dtype=torch.long)
     frac_positions = torch.zeros(S, L, 2, dtype=torch.float32)
@@ -295,6 +299,7 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
             h, w = grids[i]
             keep = kept_idx[i]
             start, end = offset + num_prefix, offset + num_prefix + len(keep)
+            patches[s, offset:start] = 0
             patches[s, start:end] = tokens[i]
             segment_ids[s, offset:end] = i
             rows, cols = keep // w, keep % w
@@ -305,6 +310,7 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
             token_index[s, start:end] = keep
             seq_index[i], seq_offset[i] = s, offset
             offset = end
+        patches[s, offset:] = 0
     packing_order = torch.tensor([i for b in bins for i in b], dtype=torch.long)
     num_kept = torch.tensor([len(k) for k in kept_idx], dtype=torch.long)
     cu_seqlens = torch.zeros(N + 1, dtype=torch.int32)

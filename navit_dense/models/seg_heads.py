@@ -204,6 +204,16 @@ def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """[K, H, W] logits -> [H, W] int64 class ids, exactly ``logits.argmax(0)`` (the first
+    maximum wins a tie, NaN counts as the maximum). ``max(0).indices`` computes the same ids,
+    but on CPU argmax over a leading dim is the slowest stage of inference at low resolution
+    (4-15x slower than max for K <= 20 at 500 x 700; 1.5x for K = 150)."""
+    if logits.dim() != 3:
+        raise ValueError(f"class_map expects [K, H, W] logits, got shape {tuple(logits.shape)}")
+    return logits.max(0).indices
+
+
 def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """int [H, W] label -> [h, w] by nearest neighbour (exact for ids < 2^24)."""
     size = (int(size[0]), int(size[1]))

@@ -44,6 +44,7 @@ from ..models.seg_heads import (
     Segmenter,
     SegOutput,
     build_decoder,
+    class_map,
     crop_windows,
     merge_windows,
     resize_label,
@@ -229,7 +230,7 @@ class SegEvaluator:
                 full = upsample(next(logits).float(), label.shape)
             else:
                 full = merge_windows([next(logits) for _ in boxes], boxes, label.shape)
-            pred = full.argmax(0)
+            pred = class_map(full)
             self.metric.update(pred, label)
             if index < self.keep:
                 self.predictions[index] = pred.to(torch.int16).cpu()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -101,6 +102,53 @@ def time_interleaved(
                 tag = "warmup" if r < warmup else f"repeat {r - warmup + 1}"
                 log(f"  {tag} {name}: {dt:.3f}s wall, {dc:.3f}s cpu")
     return out
+
+
+class StageClock:
+    """Wall seconds accumulated per named stage of a pipeline, to show where time goes.
+
+    ``with clock("forward"): ...`` times a block; ``with clock.methods({"forward": [(obj,
+    "name"), ...]}): ...`` times calls of existing methods (e.g. inside a library's own
+    inference function) by wrapping them on the instance for the duration of the block."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    @contextmanager
+    def methods(self, stages: Mapping[str, Sequence[tuple[object, str]]]):
+        targets = [(stage, obj, name) for stage, pairs in stages.items() for obj, name in pairs]
+        for _, obj, name in targets:
+            if name in vars(obj):
+                raise ValueError(f"{type(obj).__name__}.{name} is already an instance attribute; cannot time it")
+        try:
+            for stage, obj, name in targets:
+                setattr(obj, name, self._timed(stage, getattr(obj, name)))
+            yield self
+        finally:
+            for _, obj, name in targets:
+                if name in vars(obj):
+                    delattr(obj, name)
+
+    def _timed(self, stage: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(stage, time.perf_counter() - t0)
+
+        return timed
 
 
 def _cpu_peak_from_profile(fn: Callable[[], object]) -> int:
