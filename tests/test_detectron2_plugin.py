@@ -35,7 +35,7 @@ NUM_CLASSES = 3
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
 # The tiny CPU variant documented in the config's docstring, plus this test's dataset.
 TINY = """
-model.backbone.net.depth=2 model.backbone.net.embed_dim=64 model.backbone.net.num_heads=2
+model.backbone.net.model.depth=2 model.backbone.net.model.embed_dim=64 model.backbone.net.model.num_heads=2
 model.backbone.out_channels=32 model.roi_heads.box_head.conv_dims=[32] model.roi_heads.box_head.fc_dims=[64]
 model.roi_heads.mask_head.conv_dims=[32] model.roi_heads.batch_size_per_image=64
 model.proposal_generator.batch_size_per_image=64 model.proposal_generator.pre_nms_topk=[200,100]

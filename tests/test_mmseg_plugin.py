@@ -66,23 +66,27 @@ def test_registered_and_built_from_configs():
 
 def test_pretrained_timm_vit_weights_load(tmp_path):
     import timm
+    from safetensors.torch import save_file
 
     from navit_dense.models.weight_import import navit_from_timm
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2).eval()
-    path = tmp_path / "navit_from_timm.pth"
-    torch.save(navit_from_timm(vit).state_dict(), path)
-    # The ADE20K config's backbone overrides (timm layout), at tiny size.
-    backbone = NaViTMMSegBackbone(
-        arch="navit_ti16", depth=2, out_indices=(1,), scale_factors=(1.0,),
-        class_token=True, pos_embed="learned2d", pos_embed_grid=14, pretrained=str(path),
-    )
-    backbone.init_weights()
+    converted, raw = tmp_path / "navit_from_timm.pth", tmp_path / "timm_vit.safetensors"
+    torch.save(navit_from_timm(vit).state_dict(), converted)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, raw)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         ref = vit.forward_intermediates(x, indices=[1], norm=True, output_fmt="NCHW", intermediates_only=True)[0]
-        (ours,) = backbone.eval()(x)
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    for path in (converted, raw):  # a converted NaViT state dict, and the timm file itself
+        # The ADE20K config's backbone overrides (timm layout), at tiny size.
+        backbone = NaViTMMSegBackbone(
+            arch="navit_ti16", depth=2, out_indices=(1,), scale_factors=(1.0,),
+            class_token=True, pos_embed="learned2d", pos_embed_grid=14, pretrained=str(path),
+        )  # fmt: skip
+        backbone.init_weights()
+        with torch.no_grad():
+            (ours,) = backbone.eval()(x)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 # ---- native resolution inside a padded batch ------------------------------------------------

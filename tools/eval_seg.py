@@ -40,9 +40,7 @@ from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import Config, ConfigError, load_config, to_object
 from navit_dense.engine.data import build_loader
 from navit_dense.engine.distributed import init_distributed
-from navit_dense.engine.optim import find_backbone
-from navit_dense.engine.task import get_task
-from navit_dense.engine.trainer import autocast, to_device
+from navit_dense.engine.trainer import autocast, load_for_evaluation, to_device
 from navit_dense.evaluation.resolution_sweep import PeakMemory, write_tables
 
 METRICS = ("mIoU", "mAcc", "aAcc")
@@ -77,11 +75,7 @@ def run_seg_sweep(cfg, checkpoint: str | Path, max_res_list: Sequence[int], out_
     env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
     out = Path(out_dir) if out_dir else path.parent.parent / f"seg_sweep_{mode}"
-    task = get_task(c.task)(c)
-    model = task.build_model().to(env.device)
-    model.load_state_dict(ckpt.load_weights(path, ema))
-    model.eval()
-    _, backbone = find_backbone(model)
+    task, model, backbone = load_for_evaluation(c, path, ema, env.device)
     dataset = task.build_dataset(split)
     if dataset is None:
         raise ValueError(f"the config has no {split!r} split")

@@ -12,7 +12,7 @@ Train (needs detectron2 installed; run from the repository root so `navit_dense`
     python <detectron2>/tools/lazyconfig_train_net.py --config-file configs/detectron2/mask_rcnn_navit_lvis.py
 
 Tiny CPU smoke variant: append these overrides (plus dataset names if not using lvis_v1_*):
-    model.backbone.net.depth=2 model.backbone.net.embed_dim=64 model.backbone.net.num_heads=2
+    model.backbone.net.model.depth=2 model.backbone.net.model.embed_dim=64 model.backbone.net.model.num_heads=2
     model.backbone.out_channels=32 model.roi_heads.box_head.conv_dims=[32] model.roi_heads.box_head.fc_dims=[64]
     model.roi_heads.mask_head.conv_dims=[32] model.roi_heads.batch_size_per_image=64
     model.proposal_generator.batch_size_per_image=64 model.proposal_generator.pre_nms_topk=[200,100]
@@ -40,17 +40,24 @@ from navit_dense.adapters.detectron2 import (
     vit_lr_decay,
 )
 from navit_dense.models.navit import build_backbone
+from navit_dense.models.pretrained import with_pretrained
 
 # ---- model -------------------------------------------------------------------------------------
 model = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model  # RGB, LN heads, 4conv1fc
 model._target_ = NativeResolutionRCNN
 model.backbone = L(NaViTSimpleFPBackbone)(
-    net=L(build_backbone)(
-        name="navit_b16",
-        depth=12,  # explicit so the layer-wise lr decay below can follow it
-        drop_path_rate=0.1,
-        global_pool="avg",  # no MAP head: a detector would leave its parameters without gradients
-        mask_fill="zeros",  # no mask token: nothing is dropped at detection time
+    net=L(with_pretrained)(
+        model=L(build_backbone)(
+            name="navit_b16",
+            depth=12,  # explicit so the layer-wise lr decay below can follow it
+            drop_path_rate=0.1,
+            global_pool="avg",  # no MAP head: a detector would leave its parameters without gradients
+            mask_fill="zeros",  # no mask token: nothing is dropped at detection time
+        ),
+        # Weights to start from (timm ViT / SigLIP2 / NaViT file, see navit_dense.models.pretrained);
+        # the architecture above must fit them, e.g. for timm's vit_base_patch16_224:
+        # class_token=True, pos_embed="learned2d", pos_embed_grid=14. "" = random init.
+        path="",
     ),
     out_channels=256,
     scale_factors=(4.0, 2.0, 1.0, 0.5),
@@ -92,7 +99,7 @@ dataloader.evaluator = L(CompatLVISEvaluator)(dataset_name="${..test.dataset.nam
 train = model_zoo.get_config("common/train.py").train
 train.amp.enabled = True
 train.ddp.fp16_compression = True
-train.init_checkpoint = ""  # NaViT weights: load them into model.backbone.net (see navit_dense.models.weight_import)
+train.init_checkpoint = ""  # a detectron2 checkpoint of this model (backbone-only weights: model.backbone.net.path)
 train.max_iter = 156250
 train.eval_period = 30000
 
@@ -107,7 +114,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 2e-4
 # ViTDet's layer-wise lr decay over backbone.net.blocks.<i>.
-optimizer.params.lr_factor_func = L(vit_lr_decay)(num_layers="${model.backbone.net.depth}", lr_decay_rate=0.7)
+optimizer.params.lr_factor_func = L(vit_lr_decay)(num_layers="${model.backbone.net.model.depth}", lr_decay_rate=0.7)
 # No weight decay on positional tables and learned tokens (module parameter names in NaViT).
 optimizer.params.overrides = {
     name: {"weight_decay": 0.0} for name in ("row", "col", "prefix_tokens", "prefix_pos", "mask_token")

@@ -10,11 +10,10 @@ own size; in whole-image testing an ADE20K image resized to short side 512 is no
 512x512), and the pyramid comes from per-image resampling of blocks 3, 5, 7, 11
 (see navit_dense/adapters/mmseg/backbone.py) instead of MultiLevelNeck.
 
-Pretrained weights (timm ViT-B/16 -> NaViT; the overrides below match timm's layout):
-    import timm, torch
-    from navit_dense.models.weight_import import navit_from_timm
-    vit = timm.create_model("vit_base_patch16_224.augreg2_in21k_ft_in1k", pretrained=True)
-    torch.save(navit_from_timm(vit).state_dict(), "pretrain/navit_b16_augreg2_in21k_ft_in1k.pth")
+Pretrained weights: the timm ViT-B/16 file itself (the overrides below match timm's layout;
+navit_dense.models.pretrained converts it when the backbone is initialised), e.g.
+    huggingface-cli download timm/vit_base_patch16_224.augreg2_in21k_ft_in1k model.safetensors
+        --local-dir pretrain/vit_base_patch16_224.augreg2_in21k_ft_in1k   (one command)
 Train (data under data/ade/ADEChallengeData2016, as mmseg expects):
     bash <mmseg>/.mim/tools/dist_train.sh configs/mmseg/upernet_navit_b16_ade20k.py 8
 """
@@ -53,7 +52,7 @@ model = dict(
         class_token=True,
         pos_embed="learned2d",
         pos_embed_grid=14,
-        pretrained="pretrain/navit_b16_augreg2_in21k_ft_in1k.pth",
+        pretrained="pretrain/vit_base_patch16_224.augreg2_in21k_ft_in1k/model.safetensors",
     ),
     decode_head=dict(
         type="UPerHead",

@@ -33,6 +33,16 @@ class ConfigError(ValueError):
 
 # ---- schema ---------------------------------------------------------------------------------
 @dataclass
+class BackboneInitConfig:
+    """Weights to start from (fine-tuning); empty path = random init. See
+    navit_dense.models.pretrained: the file must fit the architecture this config describes."""
+
+    path: str = ""  # .safetensors / torch state dict / checkpoint or save_pretrained directory
+    format: str = "auto"  # auto | navit | timm | siglip2
+    prefix: str = ""  # where the backbone's keys start in the file; empty = found from the format
+
+
+@dataclass
 class BackboneConfig:
     """A named NaViT (navit_ti16 | navit_s16 | navit_b16 | navit_l16); fields left at None
     keep the named model's value (see navit_dense.models.NaViTConfig)."""
@@ -43,20 +53,30 @@ class BackboneConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
+    qkv_bias: Optional[bool] = None
     qk_norm: Optional[bool] = None
     init_values: Optional[float] = None
+    act: Optional[str] = None
+    norm_eps: Optional[float] = None
+    pre_norm: Optional[bool] = None
     class_token: Optional[bool] = None
     reg_tokens: Optional[int] = None
+    no_embed_class: Optional[bool] = None
     pos_embed: Optional[str] = None
+    pos_embed_grid: Optional[int] = None
+    pos_embed_mode: Optional[str] = None
+    pos_embed_antialias: Optional[bool] = None
     global_pool: Optional[str] = None
     drop_path_rate: Optional[float] = None
     attn_kernel: Optional[str] = None
     out_indices: Optional[list[int]] = None
     mask_fill: Optional[str] = None
+    init: BackboneInitConfig = field(default_factory=BackboneInitConfig)
 
     def overrides(self) -> dict[str, Any]:
-        """build_backbone keyword arguments: every field that is set, except the name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name" and getattr(self, f.name) is not None}
+        """build_backbone keyword arguments: every architecture field that is set."""
+        skip = {"name", "init"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
 
 
 @dataclass

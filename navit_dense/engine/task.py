@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 
 from ..data import PackedBatch, TokenDrop, pack_images
+from ..models import NaViT, build_backbone
+from ..models.pretrained import load_pretrained
 from .config import DataConfig, ModelConfig
 
 
@@ -98,6 +100,22 @@ class Task(ABC):
 
     def __init__(self, cfg):
         self.cfg = cfg
+        # model.backbone.init is read by build_backbone unless turned off (evaluating a
+        # checkpoint, whose weights replace it anyway); its report is logged by the trainer.
+        self.load_pretrained = True
+        self.pretrained_report: dict | None = None
+
+    def build_backbone(self, **defaults) -> NaViT:
+        """The configured NaViT: ``defaults`` (task choices such as global_pool) under the
+        config's explicit fields, initialised from ``model.backbone.init`` when it names a file."""
+        b = self.cfg.model.backbone
+        net = build_backbone(b.name, **{**defaults, **b.overrides()})
+        if b.init.path and self.load_pretrained:
+            try:
+                self.pretrained_report = load_pretrained(net, b.init.path, b.init.format, b.init.prefix)
+            except (OSError, ValueError) as e:
+                raise type(e)(f"model.backbone.init: {e}") from None
+        return net
 
     @abstractmethod
     def build_model(self) -> nn.Module: ...

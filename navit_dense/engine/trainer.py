@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -133,6 +134,7 @@ class Trainer:
 
         seed_everything(c.seed + env.rank)  # DDP copies rank 0's initial weights to every rank
         self.task = get_task(c.task)(c)
+        self.task.load_pretrained = restore_from is None  # a resumed run restores its own weights
         self.model = self.task.build_model().to(env.device)
         _, backbone = find_backbone(self.model)
         if backbone is None:
@@ -156,6 +158,10 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters)
         self.train_model = self.ddp or self.model
         self.logger = RunLogger(self.run_dir, c.train.steps, self.state.step, enabled=env.is_main)
+        if self.task.pretrained_report is not None:
+            r = self.task.pretrained_report
+            self.logger.info(f"backbone initialised from {r['path']} ({r['format']}, prefix {r['prefix']!r}): {r['loaded']} tensors; "
+                             f"skipped from the file: {r['skipped_source_keys'] or 'none'}; kept as initialised: {r['kept_initialised'] or 'none'}")  # fmt: skip
         if restore_from is not None:
             self.logger.info(f"resumed from {restore_from} at step {self.state.step} (epoch {self.state.epoch}, step {self.state.step_in_epoch} in epoch)")
 
@@ -355,16 +361,25 @@ def train(cfg: DictConfig, resume: bool = False) -> dict:
     return Trainer(cfg, resume).fit()
 
 
+def load_for_evaluation(c, path: Path, ema: bool | None, device: torch.device) -> tuple[Task, nn.Module, nn.Module]:
+    """(task, eval-mode model with the checkpoint's weights, its NaViT backbone) for a resolved
+    checkpoint directory; model.backbone.init is not read (the checkpoint replaces it)."""
+    task = get_task(c.task)(c)
+    task.load_pretrained = False
+    model = task.build_model().to(device)
+    model.load_state_dict(ckpt.load_weights(path, ema))
+    model.eval()
+    _, backbone = find_backbone(model)
+    return task, model, backbone
+
+
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, ema: bool | None = None, split: str = "val") -> tuple[dict[str, float], Path]:
     """(metrics, checkpoint directory) of a checkpoint's weights (EMA ones when present,
     unless ``ema`` says otherwise) on a dataset split; works under torchrun too."""
     c = to_object(cfg)
     env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
-    task = get_task(c.task)(c)
-    model = task.build_model().to(env.device)
-    model.load_state_dict(ckpt.load_weights(path, ema))
-    _, backbone = find_backbone(model)
+    task, model, backbone = load_for_evaluation(c, path, ema, env.device)
     dataset = task.build_dataset(split)
     if dataset is None:
         raise ValueError(f"task {c.task!r} has no {split!r} split with this config")

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from ..data import PackedBatch
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
-from ..models import build_backbone
 
 SHAPES = ("disk", "square", "triangle", "ring")
 
@@ -112,9 +111,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         # No feature maps are unpacked here, so the mask token would be an unused parameter (DDP error).
-        backbone = self.cfg.model.backbone
-        overrides = {"mask_fill": "zeros", **backbone.overrides()}
-        return Classifier(build_backbone(backbone.name, num_classes=len(SHAPES), **overrides))
+        return Classifier(self.build_backbone(mask_fill="zeros", num_classes=len(SHAPES)))
 
     def build_dataset(self, split: str) -> ShapesDataset | None:
         d = self.cfg.data

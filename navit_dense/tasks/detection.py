@@ -39,7 +39,6 @@ from ..data.detection import (
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
 from ..losses.detection import DetectionLoss, FederatedClassSampler, HungarianMatcher
-from ..models import build_backbone
 from ..models.owl_head import OwlHead, OwlOutput, postprocess, to_coco_results
 
 
@@ -224,7 +223,7 @@ class DetectionTask(Task):
         m = self.cfg.model
         # No pooled vector and no feature maps are used: the MAP head / mask token would be
         # parameters without gradients (DDP errors), so they are off unless asked for.
-        backbone = build_backbone(m.backbone.name, **{"global_pool": "none", "mask_fill": "zeros", **m.backbone.overrides()})
+        backbone = self.build_backbone(global_pool="none", mask_fill="zeros")
         cats = self.categories()
         query_dim = m.query_dim or backbone.embed_dim
         learned = m.class_embeddings == ""

@@ -38,7 +38,6 @@ from ..data.seg_dataset import ADE20KDataset, SegFolderDataset, load_seg_meta
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
 from ..evaluation.seg_metrics import SegMetric
-from ..models import build_backbone
 from ..models.seg_heads import (
     DECODERS,
     Segmenter,
@@ -283,7 +282,7 @@ class SegmentationTask(Task):
         # No pooled vector is used (MAP head off); the mask token only receives gradients when
         # tokens are dropped: otherwise both would be unused parameters (DDP errors).
         mask_fill = "token" if self.cfg.data.token_drop.mode != "none" else "zeros"
-        backbone = build_backbone(m.backbone.name, **{"global_pool": "none", "mask_fill": mask_fill, **m.backbone.overrides()})
+        backbone = self.build_backbone(global_pool="none", mask_fill=mask_fill)
         dec = m.decoder
         K = self.cfg.data.num_classes
         if dec.type == "linear":

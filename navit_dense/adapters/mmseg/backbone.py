@@ -41,6 +41,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
@@ -50,11 +51,11 @@ from mmseg.registry import MODELS
 
 from ...data.packing import pack_native
 from ...models.navit import build_backbone
+from ...models.pretrained import load_pretrained
 from ...models.pyramid import _scale_stage
 
 # Weights a pretrained NaViT (or converted timm ViT) may carry that a dense backbone built with
 # global_pool="none" and mask_fill="zeros" has no place for (pooling, classifier, mask token).
-_HEAD_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "mask_token")
 
 
 @MODELS.register_module()
@@ -69,9 +70,10 @@ class NaViTMMSegBackbone(BaseModule):
             (default: all four, strides P/4 .. 2P, what UPerHead expects).
         seq_len: capacity of one packed sequence; 0 (or anything smaller than the largest
             image) means the largest image's token count, so no image is ever resized.
-        pretrained: path to a NaViT state dict (``torch.save(navit.state_dict())``, e.g. a
-            timm ViT converted with ``navit_dense.models.weight_import.navit_from_timm``),
-            loaded in ``init_weights`` (so mmengine's Runner loads it once, before training).
+        pretrained: weights file or directory (a timm ViT, a HF SigLIP2 checkpoint, or a NaViT
+            state dict; see navit_dense.models.pretrained), loaded in ``init_weights`` (so
+            mmengine's Runner loads it once, before training). It must fit the architecture
+            given here (e.g. class_token / pos_embed / pos_embed_grid for timm ViTs).
         **net_overrides: any NaViTConfig field (depth, embed_dim, drop_path_rate, pos_embed, ...).
             Defaults here: global_pool="none", mask_fill="zeros" (a dense backbone uses neither
             a pooled vector nor the mask token; parameters without gradients break DDP).
@@ -117,16 +119,9 @@ class NaViTMMSegBackbone(BaseModule):
     def init_weights(self) -> None:
         super().init_weights()
         if self.pretrained:
-            state = torch.load(self.pretrained, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
-            state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
-            result = self.net.load_state_dict(state, strict=False)
-            missing = set(result.missing_keys) - {"mask_token"}
-            if missing or result.unexpected_keys:
-                raise ValueError(
-                    f"{self.pretrained}: not a state dict of this NaViT (missing {sorted(missing)[:8]}, "
-                    f"unexpected {sorted(result.unexpected_keys)[:8]})"
-                )
+            report = load_pretrained(self.net, self.pretrained)
+            print_log(f"NaViTMMSegBackbone: {report['loaded']} tensors from {report['path']} ({report['format']}); "
+                      f"skipped {report['skipped_source_keys'] or 'none'}", logger="current")  # fmt: skip
 
     def canvas_size(self, height: int, width: int) -> tuple[int, int]:
         """(H_c, W_c): the pixel extent the output maps cover for a batch of height x width."""

@@ -1,0 +1,181 @@
+"""Start a NaViT from weights on disk: navit_dense checkpoints, timm ViTs, HF SigLIP2 (NaFlex).
+
+The architecture always comes from the config that built the model (so evaluation never
+needs the pretrained file); the file must fit it. When it does not, the error names the
+config fields to set, read off the checkpoint (e.g. ``pos_embed: learned2d``,
+``pos_embed_grid: 14``, ``class_token: true`` for timm's vit_base_patch16_224; see
+configs/_base_/backbones/).
+
+What is loaded is the trunk: patch / position embeddings, prefix tokens, blocks and the final
+norm. Pooling and classifier weights (``head.*``, ``attn_pool.*``, ``fc_norm.*``) and the mask
+token are task specific: the source's are skipped unless the model has the same parameters, and the model's
+own stay as initialised when the source has none. Both are listed in the returned report.
+
+Files: ``.safetensors``, or a torch checkpoint read with ``weights_only=True`` (a raw state
+dict, or one under "state_dict" / "model"); a directory means its ``model.safetensors`` (an
+engine checkpoint directory, or a HF ``save_pretrained`` directory).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .navit import NaViT, NaViTConfig
+from .weight_import import (
+    _ALLOWED_MISSING,
+    config_from_siglip2,
+    config_from_timm,
+    convert_siglip2_state_dict,
+    convert_timm_state_dict,
+)
+
+FORMATS = ("auto", "navit", "timm", "siglip2")
+# Task-specific parts: pooling / classifier weights, and the mask token (only with mask_fill=token).
+HEAD_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "mask_token")
+# Fields that describe what a checkpoint's weights compute (the rest are run-time choices).
+_ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
+                "init_values", "act", "norm_eps", "pre_norm", "class_token", "reg_tokens", "no_embed_class",
+                "pos_embed", "pos_embed_grid", "pos_embed_mode", "pos_embed_antialias")  # fmt: skip
+_SIGNATURES = {  # format -> a key only that format has
+    "timm": "patch_embed.proj.weight",
+    "siglip2": "embeddings.patch_embedding.weight",
+    "navit": "patch_embed.weight",
+}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file (see the module docstring); never unpickles arbitrary objects."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.safetensors"))
+        if (path / "model.safetensors").is_file():
+            found = [path / "model.safetensors"]
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected one model.safetensors (or a single *.safetensors) in the directory, found {[p.name for p in found]}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles with arbitrary objects, truncated files, not a checkpoint at all
+        raise ValueError(f"{path}: not a readable torch checkpoint (.safetensors, or a state dict loadable with weights_only=True): {e}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+    return dict(state)
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> tuple[str, str]:
+    """(format, key prefix) of a state dict: the first format whose signature key appears,
+    under ``prefix`` if given, else under whatever prefix it has (e.g. "backbone.",
+    "vision_model.", "module.")."""
+    for fmt, signature in _SIGNATURES.items():
+        for key in state_dict:
+            if key.endswith(signature) and key.startswith(prefix):
+                return fmt, key[: -len(signature)]
+    raise ValueError(
+        f"cannot tell the format of these weights{f' under prefix {prefix!r}' if prefix else ''}: none of "
+        f"{sorted(_SIGNATURES.values())} found (first keys: {sorted(state_dict)[:6]})"
+    )
+
+
+def _architecture_hint(source_cfg: NaViTConfig, model_cfg: NaViTConfig) -> str:
+    diff = [f"{f}: {_yaml(getattr(source_cfg, f))}" for f in _ARCH_FIELDS if getattr(source_cfg, f) != getattr(model_cfg, f)]
+    return f"; the checkpoint's architecture needs model.backbone {{{', '.join(diff)}}}" if diff else ""
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _source_config(fmt: str, state_dict: Mapping[str, torch.Tensor], path: Path, model_cfg: NaViTConfig) -> NaViTConfig | None:
+    """The NaViTConfig the checkpoint itself describes (for error hints), if it can be read."""
+    try:
+        if fmt == "timm":
+            return config_from_timm(state_dict, num_heads=model_cfg.num_heads, act=model_cfg.act, norm_eps=model_cfg.norm_eps)
+        config_file = (path if path.is_dir() else path.parent) / "config.json"
+        if fmt == "siglip2" and config_file.is_file():
+            config = json.loads(config_file.read_text())
+            return config_from_siglip2(config.get("vision_config", config))
+    except Exception:  # the hint is best effort; the shape error below stays the message
+        return None
+    return None
+
+
+def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix: str = "") -> dict:
+    """Load weights from ``path`` into ``model`` in place (see the module docstring).
+
+    format: auto | navit | timm | siglip2. prefix: where the NaViT / source keys start in the
+    file (auto: found from the format's signature key, e.g. "backbone." in a task checkpoint).
+    Returns a report: path, format, prefix, loaded (number of tensors), skipped_source_keys,
+    kept_initialised (model parameters the file has no values for)."""
+    if format not in FORMATS:
+        raise ValueError(f"pretrained format {format!r} is not one of {FORMATS}")
+    path = Path(path)
+    raw = read_state_dict(path)
+    fmt, found_prefix = detect_format(raw, prefix)
+    if format != "auto" and fmt != format:
+        raise ValueError(f"{path}: weights look like {fmt!r} (key {found_prefix + _SIGNATURES[fmt]!r}), not {format!r}")
+    # Everything outside the prefix (an optimizer, a text tower, a detector's head) is not ours.
+    state = {k[len(found_prefix) :]: v for k, v in raw.items() if k.startswith(found_prefix)}
+
+    model_keys = model.state_dict()
+    own_heads = {k for k in model_keys if k.startswith(HEAD_PREFIXES)}
+    source_heads = {k for k in state if k.startswith(HEAD_PREFIXES)}
+    trunk = {k: v for k, v in state.items() if k not in source_heads}
+    heads = {k: v for k, v in state.items() if k in source_heads}
+    if fmt == "navit":
+        converted = dict(trunk)
+        unexpected = sorted(set(converted) - set(model_keys))
+        if unexpected:
+            raise ValueError(f"{path}: weights {unexpected[:8]} do not belong to this NaViT (prefix {found_prefix!r})")
+        converted.update(heads)
+    else:
+        trunk_cfg = replace(model.cfg, global_pool="none", num_classes=0, fc_norm=False)
+        try:
+            converter = convert_timm_state_dict if fmt == "timm" else convert_siglip2_state_dict
+            converted = converter(trunk, trunk_cfg, reference=NaViT(trunk_cfg))
+        except (ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a reshape to the wrong grid
+            source_cfg = _source_config(fmt, trunk, path, model.cfg)
+            hint = _architecture_hint(source_cfg, model.cfg) if source_cfg is not None else ""
+            raise ValueError(f"{path}: {fmt} weights do not fit model.backbone ({e}){hint}") from None
+        if fmt == "timm":  # same names in NaViT: usable when the model has identical heads
+            converted.update(heads)
+    # A source head is taken only if the model has the very same tensor (name and shape).
+    shapes_ok = {k: v for k, v in converted.items() if k in model_keys and v.shape == model_keys[k].shape}
+    bad = sorted(k for k in set(converted) - set(shapes_ok) if not k.startswith(HEAD_PREFIXES))
+    if bad:
+        raise ValueError(f"{path}: shapes do not fit model.backbone: " + ", ".join(
+            f"{k} {tuple(converted[k].shape)} vs {tuple(model_keys[k].shape)}" for k in bad[:8]))  # fmt: skip
+    missing = sorted(set(model_keys) - set(shapes_ok) - own_heads - _ALLOWED_MISSING)
+    if missing:
+        raise ValueError(f"{path}: no values for {missing[:8]}{' ...' if len(missing) > 8 else ''} (prefix {found_prefix!r})")
+    model.load_state_dict(shapes_ok, strict=False)
+    return {
+        "path": str(path),
+        "format": fmt,
+        "prefix": found_prefix,
+        "loaded": len(shapes_ok),
+        "skipped_source_keys": sorted(source_heads - set(shapes_ok)),
+        "kept_initialised": sorted(set(model_keys) - set(shapes_ok)),
+    }
+
+
+
+def with_pretrained(model: NaViT, path: str | Path = "", format: str = "auto", prefix: str = "") -> NaViT:
+    """``model`` loaded from ``path`` (unchanged when path is empty): for configs that build
+    objects by calling functions (detectron2 LazyConfig)."""
+    if path:
+        load_pretrained(model, path, format, prefix)
+    return model

@@ -1,0 +1,186 @@
+"""model.backbone.init: a configured NaViT started from weights on disk (timm ViT files, HF
+SigLIP2 save_pretrained directories, navit_dense checkpoints) computes what the source
+computes; mismatches name the config fields to set; the engine logs it, a resumed run and
+checkpoint evaluation do not need the file."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import load_tool
+from safetensors.torch import save_file
+
+from navit_dense import pack_images
+from navit_dense.engine.config import load_config, to_object
+from navit_dense.engine.task import get_task
+from navit_dense.engine.trainer import evaluate_checkpoint, train
+from navit_dense.models import build_backbone
+from navit_dense.models.pretrained import detect_format, load_pretrained, read_state_dict, with_pretrained
+from navit_dense.models.weight_import import navit_from_siglip2
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMM_SMALL = dict(embed_dim=64, depth=2, num_heads=4, img_size=64)
+# The dense backbone a task would build for that timm model (see configs/_base_/backbones/).
+TIMM_LAYOUT = dict(embed_dim=64, depth=2, num_heads=4, class_token=True, pos_embed="learned2d", pos_embed_grid=4)
+SIGLIP_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=8, num_patches=16)
+SIGLIP_LAYOUT = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, act="gelu_tanh", pos_embed="learned2d",
+                     pos_embed_grid=4, pos_embed_mode="bilinear")  # fmt: skip
+
+
+def _perturb(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def timm_vit():
+    torch.manual_seed(0)
+    return _perturb(timm.create_model("vit_base_patch16_224", pretrained=False, **TIMM_SMALL))
+
+
+def dense(**overrides):
+    return build_backbone("navit_ti16", global_pool="none", mask_fill="zeros", **overrides).eval()
+
+
+def test_timm_file_gives_timm_features(timm_vit, tmp_path):
+    save_file({k: v.contiguous() for k, v in timm_vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    torch.save({"state_dict": timm_vit.state_dict(), "epoch": 3}, tmp_path / "vit.pth")
+    for path in (tmp_path / "vit.safetensors", tmp_path / "vit.pth"):
+        net = dense(**TIMM_LAYOUT)
+        report = load_pretrained(net, path)
+        assert report["format"] == "timm" and report["prefix"] == ""
+        assert report["skipped_source_keys"] == ["head.bias", "head.weight"]  # the ImageNet classifier
+        assert report["kept_initialised"] == []
+        image = torch.randn(3, 64, 64)
+        with torch.no_grad():
+            ours = net(pack_images([image], 16, 16, 17, num_prefix_tokens=1)).feature_maps[0]  # [D, 4, 4]
+            ref = timm_vit.forward_features(image[None])[0, 1:]  # [16, D] after the class token
+        assert (ours.flatten(1).T - ref).abs().max() <= 1e-4
+
+
+def test_a_file_that_does_not_fit_names_the_fields_to_set(timm_vit, tmp_path):
+    save_file({k: v.contiguous() for k, v in timm_vit.state_dict().items()}, tmp_path / "vit.safetensors")
+    with pytest.raises(ValueError) as info:
+        load_pretrained(dense(embed_dim=64, depth=2, num_heads=4), tmp_path / "vit.safetensors")  # factorized, no cls
+    message = str(info.value)
+    assert "vit.safetensors" in message
+    for hint in ("class_token: true", "pos_embed: learned2d", "pos_embed_grid: 4"):
+        assert hint in message
+    with pytest.raises(ValueError, match="embed_dim: 64"):
+        load_pretrained(dense(**{**TIMM_LAYOUT, "embed_dim": 32, "num_heads": 2}), tmp_path / "vit.safetensors")
+    with pytest.raises(ValueError, match="look like 'timm'"):
+        load_pretrained(dense(**TIMM_LAYOUT), tmp_path / "vit.safetensors", format="siglip2")
+
+
+def test_siglip2_save_pretrained_directory(tmp_path):
+    from transformers import Siglip2Config, Siglip2Model
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+    full = _perturb(Siglip2Model(Siglip2Config(text_config=text, vision_config=SIGLIP_SMALL)))
+    full.save_pretrained(tmp_path / "siglip2")
+    net = dense(**SIGLIP_LAYOUT)
+    report = load_pretrained(net, tmp_path / "siglip2")
+    assert report["format"] == "siglip2" and report["prefix"] == "vision_model."
+    assert report["skipped_source_keys"] and all(k.startswith("head.") for k in report["skipped_source_keys"])  # MAP head
+    reference = navit_from_siglip2(full.vision_model).state_dict()
+    ours = net.state_dict()
+    assert set(ours) <= set(reference)
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    # A wrong layout: the hint comes from the directory's config.json.
+    with pytest.raises(ValueError, match="act: gelu_tanh"):
+        load_pretrained(dense(**{**SIGLIP_LAYOUT, "act": "gelu", "pos_embed_grid": 8}), tmp_path / "siglip2")
+
+
+def test_navit_task_checkpoint_with_prefix_and_heads(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Module()
+    source.backbone = build_backbone("navit_ti16", embed_dim=32, depth=1, num_heads=2, num_classes=5)  # MAP + head
+    source.decoder = nn.Linear(32, 3)
+    (tmp_path / "ckpt").mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "ckpt" / "model.safetensors")
+    torch.manual_seed(1)
+    net = dense(embed_dim=32, depth=1, num_heads=2)
+    report = load_pretrained(net, tmp_path / "ckpt")
+    assert report["format"] == "navit" and report["prefix"] == "backbone."
+    assert "head.weight" in report["skipped_source_keys"] and any(k.startswith("attn_pool.") for k in report["skipped_source_keys"])
+    expected = source.backbone.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
+    # Same heads on both sides: they are loaded too.
+    twin = build_backbone("navit_ti16", embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    assert load_pretrained(twin, tmp_path / "ckpt")["skipped_source_keys"] == []
+    assert torch.equal(twin.head.weight, source.backbone.head.weight)
+    # The LazyConfig form (detectron2): "" leaves the model as built.
+    fresh = dense(embed_dim=32, depth=1, num_heads=2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert with_pretrained(fresh, "") is fresh and all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    assert torch.equal(with_pretrained(fresh, tmp_path / "ckpt").patch_embed.weight, expected["patch_embed.weight"])
+    # A different head size: skipped and left as initialised, never a shape error.
+    other = build_backbone("navit_ti16", embed_dim=32, depth=1, num_heads=2, num_classes=7)
+    report = load_pretrained(other, tmp_path / "ckpt")
+    assert "head.weight" in report["skipped_source_keys"] and "head.weight" in report["kept_initialised"]
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    net = dense(embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained(net, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="format 'vit'"):
+        load_pretrained(net, tmp_path / "missing.safetensors", format="vit")
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": object()}))
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        read_state_dict(tmp_path / "evil.pth")
+    torch.save({"lr": 0.1, "w": torch.zeros(2)}, tmp_path / "mixed.pth")
+    with pytest.raises(ValueError, match="mapping of parameter names to tensors"):
+        read_state_dict(tmp_path / "mixed.pth")
+    save_file({"encoder.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        detect_format(read_state_dict(tmp_path / "other.safetensors"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        read_state_dict(tmp_path / "empty_dir")
+
+
+# ---- engine ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_seg_pretrained")
+    load_tool("make_synthetic_seg").make_synthetic_seg(out, seed=0, n_train=8, n_val=4, min_side=64, max_side=128)
+    return out
+
+
+def test_fine_tune_from_timm_through_the_engine(timm_vit, seg_data, tmp_path, capsys):
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_vit.state_dict().items()}, weights)
+    run = tmp_path / "run"
+    layout = [f"model.backbone.{k}={json.dumps(v)}" for k, v in TIMM_LAYOUT.items()]
+    cfg = load_config(ROOT / "configs" / "segmentation" / "segmenter_linear_tiny_synthetic.yaml", [
+        f"output_dir={run}", f"data.root={seg_data}", *layout, f"model.backbone.init.path={weights}",
+        "data.max_tokens_per_image=36", "data.seq_len=128", "data.tokens_per_batch=256", "data.num_workers=0",
+        "train.steps=2", "train.log_every=1", "train.eval_every=0", "train.ckpt_every=2",
+    ])  # fmt: skip
+    task = get_task("segmentation")(to_object(cfg))
+    backbone = task.build_model().backbone
+    reference = dense(**TIMM_LAYOUT)
+    load_pretrained(reference, weights)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in backbone.state_dict().items() if k != "mask_token")
+    assert task.pretrained_report["loaded"] == len(reference.state_dict())
+
+    train(cfg)
+    assert f"backbone initialised from {weights} (timm" in capsys.readouterr().out
+    weights.unlink()  # evaluation and resuming rely on the checkpoint alone
+    metrics, _ = evaluate_checkpoint(cfg, run / "checkpoints" / "last")
+    assert 0 <= metrics["mIoU"] <= 100
+    with pytest.raises(FileNotFoundError, match="model.backbone.init: pretrained weights not found"):
+        get_task("segmentation")(to_object(cfg)).build_model()
