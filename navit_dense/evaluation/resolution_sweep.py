@@ -48,9 +48,7 @@ from ..engine import checkpoint as ckpt
 from ..engine.config import Config, load_config, to_object
 from ..engine.data import build_loader
 from ..engine.distributed import init_distributed
-from ..engine.optim import find_backbone
-from ..engine.task import get_task
-from ..engine.trainer import autocast, to_device
+from ..engine.trainer import autocast, load_for_evaluation, to_device
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 COLUMNS = ("max_res", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
@@ -139,11 +137,7 @@ def run_resolution_sweep(
         raise ValueError("max_res_list is empty")
     env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
-    task = get_task(c.task)(c)
-    model = task.build_model().to(env.device)
-    model.load_state_dict(ckpt.load_weights(path, ema))
-    model.eval()
-    _, backbone = find_backbone(model)
+    task, model, backbone = load_for_evaluation(c, path, ema, env.device)
     dataset = task.build_dataset(split)
     if dataset is None:
         raise ValueError(f"task {c.task!r} has no {split!r} split with this config")
