@@ -27,7 +27,6 @@ import torch
 
 from .navit import NaViT, NaViTConfig
 from .weight_import import (
-    _ALLOWED_MISSING,
     config_from_siglip2,
     config_from_timm,
     convert_siglip2_state_dict,
@@ -35,8 +34,9 @@ from .weight_import import (
 )
 
 FORMATS = ("auto", "navit", "timm", "siglip2")
-# Task-specific parts: pooling / classifier weights, and the mask token (only with mask_fill=token).
-HEAD_PREFIXES = ("head.", "attn_pool.", "fc_norm.", "mask_token")
+# Task-specific parameters (key prefixes): pooling / classifier weights, and the mask token
+# (present only with mask_fill=token). Loaded only where source and model agree exactly.
+TASK_SPECIFIC = ("head.", "attn_pool.", "fc_norm.", "mask_token")
 # Fields that describe what a checkpoint's weights compute (the rest are run-time choices).
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
                 "init_values", "act", "norm_eps", "pre_norm", "class_token", "reg_tokens", "no_embed_class",
@@ -131,16 +131,16 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
     state = {k[len(found_prefix) :]: v for k, v in raw.items() if k.startswith(found_prefix)}
 
     model_keys = model.state_dict()
-    own_heads = {k for k in model_keys if k.startswith(HEAD_PREFIXES)}
-    source_heads = {k for k in state if k.startswith(HEAD_PREFIXES)}
-    trunk = {k: v for k, v in state.items() if k not in source_heads}
-    heads = {k: v for k, v in state.items() if k in source_heads}
+    own_optional = {k for k in model_keys if k.startswith(TASK_SPECIFIC)}
+    source_optional = {k for k in state if k.startswith(TASK_SPECIFIC)}
+    trunk = {k: v for k, v in state.items() if k not in source_optional}
+    optional = {k: v for k, v in state.items() if k in source_optional}
     if fmt == "navit":
         converted = dict(trunk)
         unexpected = sorted(set(converted) - set(model_keys))
         if unexpected:
             raise ValueError(f"{path}: weights {unexpected[:8]} do not belong to this NaViT (prefix {found_prefix!r})")
-        converted.update(heads)
+        converted.update(optional)
     else:
         trunk_cfg = replace(model.cfg, global_pool="none", num_classes=0, fc_norm=False)
         try:
@@ -150,15 +150,15 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
             source_cfg = _source_config(fmt, trunk, path, model.cfg)
             hint = _architecture_hint(source_cfg, model.cfg) if source_cfg is not None else ""
             raise ValueError(f"{path}: {fmt} weights do not fit model.backbone ({e}){hint}") from None
-        if fmt == "timm":  # same names in NaViT: usable when the model has identical heads
-            converted.update(heads)
-    # A source head is taken only if the model has the very same tensor (name and shape).
+        if fmt == "timm":  # same names in NaViT: usable where the model has identical heads
+            converted.update(optional)
+    # A task-specific tensor is taken only if the model has the very same one (name and shape).
     shapes_ok = {k: v for k, v in converted.items() if k in model_keys and v.shape == model_keys[k].shape}
-    bad = sorted(k for k in set(converted) - set(shapes_ok) if not k.startswith(HEAD_PREFIXES))
+    bad = sorted(k for k in set(converted) - set(shapes_ok) if not k.startswith(TASK_SPECIFIC))
     if bad:
         raise ValueError(f"{path}: shapes do not fit model.backbone: " + ", ".join(
             f"{k} {tuple(converted[k].shape)} vs {tuple(model_keys[k].shape)}" for k in bad[:8]))  # fmt: skip
-    missing = sorted(set(model_keys) - set(shapes_ok) - own_heads - _ALLOWED_MISSING)
+    missing = sorted(set(model_keys) - set(shapes_ok) - own_optional)
     if missing:
         raise ValueError(f"{path}: no values for {missing[:8]}{' ...' if len(missing) > 8 else ''} (prefix {found_prefix!r})")
     model.load_state_dict(shapes_ok, strict=False)
@@ -167,7 +167,7 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
         "format": fmt,
         "prefix": found_prefix,
         "loaded": len(shapes_ok),
-        "skipped_source_keys": sorted(source_heads - set(shapes_ok)),
+        "skipped_source_keys": sorted(source_optional - set(shapes_ok)),
         "kept_initialised": sorted(set(model_keys) - set(shapes_ok)),
     }
 
