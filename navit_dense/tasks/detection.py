@@ -128,6 +128,23 @@ def word_embeddings(names: list[str], dim: int) -> torch.Tensor:
     return emb / emb.norm(dim=-1, keepdim=True)
 
 
+def check_query_order(path: str, category_ids: list[int]) -> None:
+    """A query file that records its ``category_ids`` (tools/make_text_queries.py) must list
+    this dataset's categories in label order (sorted ids); files without them are trusted."""
+    if not str(path).endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if "category_ids" not in f.keys():
+            return
+        ids = f.get_tensor("category_ids").tolist()
+    if ids != list(category_ids):
+        diff = next((i for i, (a, b) in enumerate(zip(ids, category_ids)) if a != b), min(len(ids), len(category_ids)))
+        raise ValueError(f"model.class_embeddings {path}: its category_ids differ from the dataset's at label {diff} "
+                         f"({ids[diff:diff + 3]} vs {list(category_ids)[diff:diff + 3]}): made for another category list")  # fmt: skip
+
+
 # ---- data ------------------------------------------------------------------------------------
 class LvisDetectionDataset(DetectionDataset):
     """DetectionDataset plus the engine hooks: undecodable images are skipped (None, counted)
@@ -236,6 +253,8 @@ class DetectionTask(Task):
             head.load_class_embeddings(m.class_embeddings, trainable=m.trainable_class_embeddings)
         if head.num_classes != len(cats):
             raise ValueError(f"{m.class_embeddings}: {head.num_classes} class embeddings for {len(cats)} categories")
+        if not learned and m.class_embeddings != "words":
+            check_query_order(m.class_embeddings, cats.category_ids)
         return OwlDetector(backbone, head)
 
     # ---- data ----
