@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,29 +36,13 @@ import torch
 
 from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import Config, ConfigError, load_config, to_object
-from navit_dense.engine.data import build_loader
 from navit_dense.engine.distributed import init_distributed
-from navit_dense.engine.trainer import autocast, load_for_evaluation, to_device
-from navit_dense.evaluation.resolution_sweep import PeakMemory, write_tables
+from navit_dense.engine.trainer import load_for_evaluation
+from navit_dense.evaluation.resolution_sweep import PeakMemory, evaluate_at, resolution_config, write_tables
 
 METRICS = ("mIoU", "mAcc", "aAcc")
 COLUMNS = ("max_res", "mode", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
            "eval_seconds", "peak_mem_mb", "peak_mem_delta_mb", "mem_method")  # fmt: skip
-
-
-def resolution_config(c: Config, max_res: int, patch_size: int, num_prefix_tokens: int, mode: str) -> Config:
-    """Budget (R / P)^2, longer side <= R, windows of R pixels; sequences and eval micro-batches
-    large enough for one such image."""
-    if c.task != "segmentation":
-        raise ValueError(f"eval_seg.py evaluates segmentation configs, got task {c.task!r}")
-    if max_res < patch_size:
-        raise ValueError(f"max resolution {max_res} is smaller than one {patch_size}-pixel patch")
-    budget = (max_res // patch_size) ** 2
-    need = budget + num_prefix_tokens
-    d = c.data
-    data = replace(d, max_tokens_per_image=budget, max_side=max_res, seq_len=max(d.seq_len, need), eval_mode=mode, slide_window=0,
-                   eval_tokens_per_batch=max(d.eval_tokens_per_batch or d.tokens_per_batch, need))  # fmt: skip
-    return replace(c, data=data)
 
 
 @torch.no_grad()
@@ -75,50 +57,22 @@ def run_seg_sweep(cfg, checkpoint: str | Path, max_res_list: Sequence[int], out_
     env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
     out = Path(out_dir) if out_dir else path.parent.parent / f"seg_sweep_{mode}"
-    task, model, backbone = load_for_evaluation(c, path, ema, env.device)
-    dataset = task.build_dataset(split)
-    if dataset is None:
-        raise ValueError(f"the config has no {split!r} split")
+    if c.task != "segmentation":
+        raise ValueError(f"eval_seg.py evaluates segmentation configs, got task {c.task!r}")
+    task, model, backbone, dataset = load_for_evaluation(c, path, ema, env.device, split)
     memory = PeakMemory(env.device)
 
     rows, resolutions = [], sorted(int(r) for r in max_res_list)  # increasing: see PeakMemory's ru_maxrss fallback
     for max_res in resolutions:
-        c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens, mode)
-        task.cfg = c_res  # the task keeps its datasets; only packing / evaluation settings change
-        loader = build_loader(task, dataset, c_res, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens,
-                              train=False, world_size=1, rank=0)  # fmt: skip
-        loader.batch_sampler.set_epoch(0)
+        # Slide windows follow R (slide_window=0: windows of max_side pixels).
+        c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens, eval_mode=mode, slide_window=0)
         evaluator = task.build_evaluator(keep=visualize if max_res == resolutions[-1] else 0)
-        images = tokens = 0
-        forward_s = 0.0
-        memory.start()
-        t0 = time.perf_counter()
-        for m in loader:
-            batch, targets = to_device(m.batch, env.device), to_device(m.targets, env.device)
-            t_fwd = time.perf_counter()
-            with autocast(c.train.precision, env.device):
-                outputs = model(batch)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize(env.device)
-            forward_s += time.perf_counter() - t_fwd
-            evaluator.process(outputs, targets)
-            images += len(targets["labels"])  # images, not windows
-            tokens += int(batch.num_kept.sum())
-        seconds = time.perf_counter() - t0
-        peak, delta = memory.stop()
-        metrics = evaluator.metrics()
-        rows.append({
-            "max_res": max_res, "mode": mode,
-            "max_tokens_per_image": c_res.data.max_tokens_per_image,
-            "mean_tokens_per_image": tokens / max(images, 1),
-            **{k: metrics[k] for k in METRICS},
-            "images": images,
-            "images_per_s": images / max(forward_s, 1e-9),
-            "eval_seconds": seconds,
-            "peak_mem_mb": peak, "peak_mem_delta_mb": delta, "mem_method": memory.method,
-        })  # fmt: skip
+        stats = evaluate_at(task, model, backbone, dataset, c_res, env, memory, evaluator, warmup=not rows,
+                            images_of=lambda batch, targets: len(targets["labels"]))  # images, not windows  # fmt: skip
+        metrics = stats.pop("metrics")
+        rows.append({"max_res": max_res, "mode": mode, **{k: metrics[k] for k in METRICS}, **stats})
         print(f"max_res {max_res} ({mode}): mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f}, "
-              f"{rows[-1]['mean_tokens_per_image']:.0f} tokens/image, {rows[-1]['images_per_s']:.1f} images/s, peak {peak:.0f} MiB",
+              f"{stats['mean_tokens_per_image']:.0f} tokens/image, {stats['images_per_s']:.1f} images/s, peak {stats['peak_mem_mb']:.0f} MiB",
               flush=True)  # fmt: skip
     task.cfg = c
     info = {"checkpoint": str(path), "split": split, "task": c.task, "patch_size": backbone.patch_size, "device": str(env.device),

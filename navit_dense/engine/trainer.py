@@ -361,16 +361,20 @@ def train(cfg: DictConfig, resume: bool = False) -> dict:
     return Trainer(cfg, resume).fit()
 
 
-def load_for_evaluation(c, path: Path, ema: bool | None, device: torch.device) -> tuple[Task, nn.Module, nn.Module]:
-    """(task, eval-mode model with the checkpoint's weights, its NaViT backbone) for a resolved
-    checkpoint directory; model.backbone.init is not read (the checkpoint replaces it)."""
+def load_for_evaluation(c, path: Path, ema: bool | None, device: torch.device, split: str = "val") -> tuple[Task, nn.Module, nn.Module, Any]:
+    """(task, eval-mode model with the checkpoint's weights, its NaViT backbone, the split's
+    dataset) for a resolved checkpoint directory; model.backbone.init is not read (the
+    checkpoint replaces it)."""
     task = get_task(c.task)(c)
     task.load_pretrained = False
     model = task.build_model().to(device)
     model.load_state_dict(ckpt.load_weights(path, ema))
     model.eval()
     _, backbone = find_backbone(model)
-    return task, model, backbone
+    dataset = task.build_dataset(split)
+    if dataset is None:
+        raise ValueError(f"task {c.task!r} has no {split!r} split with this config")
+    return task, model, backbone, dataset
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, ema: bool | None = None, split: str = "val") -> tuple[dict[str, float], Path]:
@@ -379,9 +383,6 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, ema: bool | Non
     c = to_object(cfg)
     env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
-    task, model, backbone = load_for_evaluation(c, path, ema, env.device)
-    dataset = task.build_dataset(split)
-    if dataset is None:
-        raise ValueError(f"task {c.task!r} has no {split!r} split with this config")
+    task, model, backbone, dataset = load_for_evaluation(c, path, ema, env.device, split)
     loader = build_loader(task, dataset, c, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens, train=False, world_size=env.world_size, rank=env.rank)
     return evaluate(task, c, model, loader, env), path

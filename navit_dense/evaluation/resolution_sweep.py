@@ -102,19 +102,63 @@ class PeakMemory:
         return peak, peak - self.base
 
 
-def resolution_config(c: Config, max_res: int, patch_size: int, num_prefix_tokens: int) -> Config:
+def resolution_config(c: Config, max_res: int, patch_size: int, num_prefix_tokens: int, **data_overrides) -> Config:
     """The config evaluating at max resolution ``max_res``: budget (max_res / P)^2, longer side
-    <= max_res, sequences (and eval micro-batches) large enough for one such image."""
+    <= max_res, sequences (and eval micro-batches) large enough for one such image; plus any
+    task-specific data fields (e.g. the segmentation eval mode)."""
     if not hasattr(c.data, "max_side"):
-        raise ValueError(f"task {c.task!r} has no data.max_side: the resolution sweep is for the detection task")
+        raise ValueError(f"task {c.task!r} has no data.max_side: the resolution sweep needs it")
     if max_res < patch_size:
         raise ValueError(f"max resolution {max_res} is smaller than one {patch_size}-pixel patch")
     budget = (max_res // patch_size) ** 2
     need = budget + num_prefix_tokens
     d = c.data
     data = replace(d, max_tokens_per_image=budget, max_side=max_res, seq_len=max(d.seq_len, need),
-                   eval_tokens_per_batch=max(d.eval_tokens_per_batch or d.tokens_per_batch, need))  # fmt: skip
+                   eval_tokens_per_batch=max(d.eval_tokens_per_batch or d.tokens_per_batch, need), **data_overrides)  # fmt: skip
     return replace(c, data=data)
+
+
+@torch.no_grad()
+def evaluate_at(task, model, backbone, dataset, c_res: Config, env, memory: PeakMemory, evaluator, *, warmup: bool = False,
+                images_of=lambda batch, targets: batch.num_images) -> dict:  # fmt: skip
+    """One evaluation pass packed by ``c_res`` (see the module docstring for the method): the
+    columns both sweeps share, and the evaluator's metrics under "metrics". ``images_of``
+    counts the images of a micro-batch (segmentation: windows are not images)."""
+    task.cfg = c_res  # the task keeps its loaded files; only packing / evaluation settings change
+    loader = build_loader(task, dataset, c_res, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens,
+                          train=False, world_size=1, rank=0)  # fmt: skip
+    loader.batch_sampler.set_epoch(0)
+    if warmup:  # one untimed forward first: one-time initialization (CUDA context, kernels) is not throughput
+        with autocast(c_res.train.precision, env.device):
+            model(to_device(next(iter(loader)).batch, env.device))
+    images = tokens = 0
+    forward_s = 0.0
+    memory.start()
+    t0 = time.perf_counter()
+    for m in loader:
+        batch, targets = to_device(m.batch, env.device), to_device(m.targets, env.device)
+        t_fwd = time.perf_counter()
+        with autocast(c_res.train.precision, env.device):
+            outputs = model(batch)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        forward_s += time.perf_counter() - t_fwd
+        evaluator.process(outputs, targets)
+        images += images_of(batch, targets)
+        tokens += int(batch.num_kept.sum())
+    seconds = time.perf_counter() - t0
+    peak, delta = memory.stop()
+    return {
+        "max_tokens_per_image": c_res.data.max_tokens_per_image,
+        "mean_tokens_per_image": tokens / max(images, 1),
+        "images": images,
+        "images_per_s": images / max(forward_s, 1e-9),
+        "eval_seconds": seconds,
+        "peak_mem_mb": peak,
+        "peak_mem_delta_mb": delta,
+        "mem_method": memory.method,
+        "metrics": evaluator.metrics(),
+    }
 
 
 @torch.no_grad()
@@ -137,55 +181,17 @@ def run_resolution_sweep(
         raise ValueError("max_res_list is empty")
     env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
-    task, model, backbone = load_for_evaluation(c, path, ema, env.device)
-    dataset = task.build_dataset(split)
-    if dataset is None:
-        raise ValueError(f"task {c.task!r} has no {split!r} split with this config")
+    task, model, backbone, dataset = load_for_evaluation(c, path, ema, env.device, split)
     memory = PeakMemory(env.device)
 
     rows = []
     for max_res in sorted(int(r) for r in max_res_list):  # increasing: see the ru_maxrss fallback
         c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens)
-        task.cfg = c_res  # the task keeps its loaded files; only packing settings change
-        loader = build_loader(task, dataset, c_res, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens,
-                              train=False, world_size=1, rank=0)  # fmt: skip
-        loader.batch_sampler.set_epoch(0)
-        if not rows:  # one untimed forward first: one-time initialization (CUDA context, kernels) is not throughput
-            with autocast(c.train.precision, env.device):
-                model(to_device(next(iter(loader)).batch, env.device))
-        evaluator = task.build_evaluator()
-        images = tokens = 0
-        forward_s = 0.0
-        memory.start()
-        t0 = time.perf_counter()
-        for m in loader:
-            batch, targets = to_device(m.batch, env.device), to_device(m.targets, env.device)
-            t_fwd = time.perf_counter()
-            with autocast(c.train.precision, env.device):
-                outputs = model(batch)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize(env.device)
-            forward_s += time.perf_counter() - t_fwd
-            evaluator.process(outputs, targets)
-            images += batch.num_images
-            tokens += int(batch.num_kept.sum())
-        seconds = time.perf_counter() - t0
-        peak, delta = memory.stop()
-        metrics = evaluator.metrics()
-        rows.append({
-            "max_res": max_res,
-            "max_tokens_per_image": c_res.data.max_tokens_per_image,
-            "mean_tokens_per_image": tokens / max(images, 1),
-            **{k: metrics[k] for k in METRICS},
-            "images": images,
-            "images_per_s": images / max(forward_s, 1e-9),
-            "eval_seconds": seconds,
-            "peak_mem_mb": peak,
-            "peak_mem_delta_mb": delta,
-            "mem_method": memory.method,
-        })  # fmt: skip
-        print(f"max_res {max_res}: AP {metrics['AP']:.4f} APr {metrics['APr']:.4f}, {rows[-1]['mean_tokens_per_image']:.0f} "
-              f"tokens/image, {rows[-1]['images_per_s']:.1f} images/s, peak {peak:.0f} MiB", flush=True)  # fmt: skip
+        stats = evaluate_at(task, model, backbone, dataset, c_res, env, memory, task.build_evaluator(), warmup=not rows)
+        metrics = stats.pop("metrics")
+        rows.append({"max_res": max_res, **{k: metrics[k] for k in METRICS}, **stats})
+        print(f"max_res {max_res}: AP {metrics['AP']:.4f} APr {metrics['APr']:.4f}, {stats['mean_tokens_per_image']:.0f} "
+              f"tokens/image, {stats['images_per_s']:.1f} images/s, peak {stats['peak_mem_mb']:.0f} MiB", flush=True)  # fmt: skip
     task.cfg = c
     write_sweep(rows, out_dir, {"checkpoint": str(path), "split": split, "task": c.task, "patch_size": backbone.patch_size,
                                 "device": str(env.device)})  # fmt: skip
