@@ -63,7 +63,7 @@ def _reference(model_dir, prompts_per_class):
 
 def test_queries_equal_the_encoders_ensembled_features_in_label_order(encoder_dir, tmp_path):
     tool = load_tool("make_text_queries")
-    (tmp_path / "lvis.json").write_text(json.dumps({"categories": CATEGORIES}))
+    (tmp_path / "lvis.json").write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
     out = tmp_path / "queries.safetensors"
     assert tool.main(["--model", str(encoder_dir), "--categories", str(tmp_path / "lvis.json"), "--out", str(out), "--synonyms"]) == 0
     saved = load_file(str(out))
@@ -82,7 +82,7 @@ def test_queries_equal_the_encoders_ensembled_features_in_label_order(encoder_di
 
 def test_query_files_for_another_category_list_are_refused(encoder_dir, tmp_path):
     tool = load_tool("make_text_queries")
-    (tmp_path / "lvis.json").write_text(json.dumps({"categories": CATEGORIES}))
+    (tmp_path / "lvis.json").write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
     out = tmp_path / "q.safetensors"
     assert tool.main(["--model", str(encoder_dir), "--categories", str(tmp_path / "lvis.json"), "--out", str(out), "--templates", "single"]) == 0
     check_query_order(str(out), [3, 5, 7])
@@ -93,14 +93,16 @@ def test_query_files_for_another_category_list_are_refused(encoder_dir, tmp_path
 def test_bad_inputs_get_clear_errors(encoder_dir, tmp_path, capsys):
     tool = load_tool("make_text_queries")
     cats = tmp_path / "lvis.json"
-    cats.write_text(json.dumps({"categories": CATEGORIES}))
+    cats.write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
     bad_templates = tmp_path / "templates.txt"
     bad_templates.write_text("a photo of a {}.\nno placeholder here\n")
-    (tmp_path / "nameless.json").write_text(json.dumps({"categories": [{"id": 1, "name": ""}]}))
+    (tmp_path / "nameless.json").write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": " "}]}))
+    (tmp_path / "bad_id.json").write_text(json.dumps({"images": [], "categories": [{"id": "1", "name": "cat"}]}))
     cases = [
         (["--templates", str(bad_templates)], "exactly one '{}'"),
         (["--templates", "clip80"], "not one of"),
-        (["--categories", str(tmp_path / "nameless.json")], "categories[0] needs an integer 'id' and a non-empty string 'name'"),
+        (["--categories", str(tmp_path / "nameless.json")], "empty 'name' (ids [1])"),
+        (["--categories", str(tmp_path / "bad_id.json")], "expected an integer"),
         (["--model", str(tmp_path)], "not a save_pretrained directory"),
     ]
     for extra, message in cases:

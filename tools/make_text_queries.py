@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from navit_dense.data.coco_json import Category, load_instances
+from navit_dense.data.detection import CategoryMap
+
 TEMPLATES = {
     # CLIP's 7-template ImageNet ensemble (Radford et al. 2021, prompt-engineering notebook).
     "clip7": ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
@@ -43,22 +46,16 @@ def readable(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def load_categories(path: str | Path) -> list[dict]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read a COCO/LVIS JSON: {e}") from None
-    cats = data.get("categories") if isinstance(data, dict) else None
-    if not isinstance(cats, list) or not cats:
-        raise ValueError(f"{path}: expected a non-empty 'categories' list")
-    for i, c in enumerate(cats):
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str) or not c["name"].strip():
-            raise ValueError(f"{path}: categories[{i}] needs an integer 'id' and a non-empty string 'name', got {c!r}")
-    ids = [c["id"] for c in cats]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: duplicate category ids")
-    return sorted(cats, key=lambda c: c["id"])
+def load_categories(path: str | Path) -> list[Category]:
+    """The categories of a COCO / LVIS JSON (navit_dense.data.load_instances, strict) in the
+    detector's label order (CategoryMap: sorted ids)."""
+    dataset = load_instances(path, strict=True, require_annotations=False)
+    if not dataset.categories:
+        raise ValueError(f"{path}: no categories")
+    empty = [c.id for c in dataset.categories.values() if not c.name.strip()]
+    if empty:
+        raise ValueError(f"{path}: categories with an empty 'name' (ids {empty[:5]}) cannot be turned into text")
+    return [dataset.categories[i] for i in CategoryMap(dataset.categories.values()).category_ids]
 
 
 def load_templates(spec: str) -> list[str]:
@@ -74,8 +71,8 @@ def load_templates(spec: str) -> list[str]:
     return templates
 
 
-def category_prompts(category: dict, templates: list[str], synonyms: bool) -> list[str]:
-    names = [category["name"]] + ([s for s in category.get("synonyms", []) if isinstance(s, str)] if synonyms else [])
+def category_prompts(category: Category, templates: list[str], synonyms: bool) -> list[str]:
+    names = [category.name, *(category.synonyms if synonyms else ())]
     unique = list(dict.fromkeys(readable(n) for n in names))
     return [t.format(n) for n in unique for t in templates]
 
@@ -108,7 +105,7 @@ class TextEncoder:
         return F.normalize(features.float(), dim=-1).cpu()
 
 
-def make_queries(encoder, categories: list[dict], templates: list[str], synonyms: bool = False, batch: int = 256) -> torch.Tensor:
+def make_queries(encoder, categories: list[Category], templates: list[str], synonyms: bool = False, batch: int = 256) -> torch.Tensor:
     """[K, D] unit class queries: per category, the normalized mean of its normalized prompt features."""
     prompts = [category_prompts(c, templates, synonyms) for c in categories]
     flat = [p for ps in prompts for p in ps]
@@ -146,8 +143,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     metadata = {"model": str(args.model), "templates": json.dumps(templates), "synonyms": str(args.synonyms),
-                "names": json.dumps([c["name"] for c in categories])}  # fmt: skip
-    save_file({"class_embeddings": queries.contiguous(), "category_ids": torch.tensor([c["id"] for c in categories])}, str(tmp), metadata)
+                "names": json.dumps([c.name for c in categories])}  # fmt: skip
+    save_file({"class_embeddings": queries.contiguous(), "category_ids": torch.tensor([c.id for c in categories])}, str(tmp), metadata)
     os.replace(tmp, out)  # never a half-written file under the final name
     print(f"{out}: {queries.shape[0]} classes x {queries.shape[1]} dims ({len(templates)} templates{', synonyms' if args.synonyms else ''})")
     return 0

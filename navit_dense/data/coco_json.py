@@ -56,6 +56,7 @@ class Category:
     frequency: str | None = None  # LVIS: "r" (rare), "c" (common), "f" (frequent)
     image_count: int | None = None  # LVIS: images containing the category (federated loss)
     supercategory: str | None = None
+    synonyms: tuple[str, ...] = ()  # LVIS: other names of the category (text queries)
 
 
 @dataclass
@@ -249,7 +250,9 @@ class _Parser:
                 self.skip(where, "bad_frequency", f"'frequency' is {freq!r}, expected one of 'r', 'c', 'f'; using None")
                 freq = None
             count = c.get("image_count")
-            out[c["id"]] = Category(c["id"], c["name"], freq, count if _is_int(count) else None, c.get("supercategory"))
+            synonyms = c.get("synonyms")
+            synonyms = tuple(n for n in synonyms if isinstance(n, str)) if isinstance(synonyms, list) else ()
+            out[c["id"]] = Category(c["id"], c["name"], freq, count if _is_int(count) else None, c.get("supercategory"), synonyms)
         return out
 
     def images(self, raw: list, categories: dict[int, Category]) -> dict[int, ImageRecord]:
