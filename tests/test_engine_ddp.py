@@ -79,7 +79,8 @@ def _records(run: Path, kind: str) -> dict[int, dict]:
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    # Varied image sizes (token balancing matters), accumulation, EMA off, eval with merged evaluator states.
+    # Varied image sizes (token balancing matters), accumulation, EMA (evaluated: every rank's
+    # copy must start from rank 0's weights), eval with merged evaluator states.
     overrides = [
         "data.train_size=64",
         "data.val_size=24",
@@ -92,6 +93,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         "train.steps=4",
         "train.log_every=1",
         "train.eval_every=2",
+        "train.ema_decay=0.9",
         "optim.warmup_steps=1",
         "data.token_drop.mode=constant",  # per-image drop seeds: independent of the sharding
         "data.token_drop.rate=0.25",
@@ -111,9 +113,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     for step in eval_one:
         assert eval_two[step]["images"] == 24 and eval_one[step]["accuracy"] == eval_two[step]["accuracy"]
         assert math.isclose(eval_one[step]["loss"], eval_two[step]["loss"], rel_tol=1e-5)
-    a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / "model.safetensors"))
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), k
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / "one" / "checkpoints" / "last" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "two" / "checkpoints" / "last" / f"{name}.safetensors"))
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), (name, k)
     meta = json.loads((tmp_path / "two" / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["world_size"] == 2 and len(meta["rng"]) == 2  # both ranks' RNG states are saved

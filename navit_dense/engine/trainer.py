@@ -148,15 +148,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, c.optim)
         self.scheduler = build_scheduler(self.optimizer, c.optim, c.train.steps)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=c.train.precision == "fp16")
+        self.ddp = None
+        if env.distributed:  # wrapping copies rank 0's weights to every rank: the EMA copy comes after
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters)
+        self.train_model = self.ddp or self.model
         self.ema = ModelEMA(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
         self.state = TrainState()
         if restore_from is not None:
             self._restore(restore_from)
-        self.ddp = None
-        if env.distributed:
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters)
-        self.train_model = self.ddp or self.model
         self.logger = RunLogger(self.run_dir, c.train.steps, self.state.step, enabled=env.is_main)
         if self.task.pretrained_report is not None:
             r = self.task.pretrained_report
