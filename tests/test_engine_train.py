@@ -19,8 +19,10 @@ from conftest import load_tool
 import torch
 from safetensors.torch import load_file
 
+from navit_dense.data.decode import BadInputWarning, DataError
 from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import load_config, to_object
+from navit_dense.engine.data import build_loader
 from navit_dense.engine.optim import ModelEMA, lr_factor, param_groups
 from navit_dense.engine.task import get_task, register_task
 from navit_dense.engine.trainer import NonFiniteLossError, train
@@ -161,25 +163,43 @@ class _SkippingShapes(ShapesDataset):
     """Every 5th image cannot be read (what a decoder reports for a corrupt file)."""
 
     def __getitem__(self, index):
-        return None if index % 5 == 0 else super().__getitem__(index)
-
-    def skip_summary(self):
-        return {"unreadable": sum(1 for i in range(len(self)) if i % 5 == 0)}
+        if index % 5 == 0:
+            raise DataError(f"shape_{index}.png", "unreadable", "corrupt file")
+        return super().__getitem__(index)
 
 
 @register_task("engine_test_skips")
 class _SkippingTask(ClassificationTask):
     def build_dataset(self, split):
         d = self.cfg.data
-        return _SkippingShapes(d.train_size, d.min_side, d.max_side, seed=0, train=True) if split == "train" else None
+        size = {"train": d.train_size, "val": d.val_size}[split]
+        return _SkippingShapes(size, d.min_side, d.max_side, seed=0, train=split == "train") if size else None
 
 
-def test_skipped_samples_are_dropped_counted_and_summarized(tmp_path):
-    summary = train(tiny_cfg(tmp_path / "skip", "task=engine_test_skips", "train.steps=4"))
-    records = train_records(tmp_path / "skip")
-    assert summary["steps"] == 4 and summary["data_skips"] == {"unreadable": 10}
-    assert summary["skipped_samples"] > 0
-    assert sum(r["images"] for r in records.values()) > 0
+def test_bad_training_samples_are_dropped_counted_and_summarized_even_in_workers(tmp_path):
+    with pytest.warns(BadInputWarning, match="skipped"):  # in-process loader; workers warn on their own stderr
+        summary = train(tiny_cfg(tmp_path / "skip0", "task=engine_test_skips", "train.steps=2", "data.val_size=0"))
+    assert summary["skipped_samples"] > 0 and summary["skipped_by_reason"] == {"unreadable": summary["skipped_samples"]}
+    # Counted in the main process from what the micro-batches carry, not in worker copies of the dataset.
+    cfg = tiny_cfg(tmp_path / "skip", "task=engine_test_skips", "train.steps=4", "data.num_workers=2", "data.val_size=0")
+    summary = train(cfg)
+    # What the sampler drew for those 4 steps (the run's first epoch covers them).
+    c = to_object(cfg)
+    sampler = build_loader(get_task(c.task)(c), _SkippingShapes(c.data.train_size, c.data.min_side, c.data.max_side, seed=0, train=True),
+                           c, patch_size=8, num_prefix_tokens=0, train=True, world_size=1, rank=0).batch_sampler  # fmt: skip
+    sampler.set_epoch(0)
+    assert sampler.steps_in_epoch(0) >= 4
+    drawn = [k.index for micro in list(sampler)[: 4 * c.train.grad_accum] for k in micro]
+    bad = sum(1 for i in drawn if i % 5 == 0)
+    assert bad > 0 and summary["steps"] == 4
+    assert summary["skipped_samples"] == bad and summary["skipped_by_reason"] == {"unreadable": bad}
+    assert sum(r["images"] for r in train_records(tmp_path / "skip").values()) == len(drawn) - bad
+
+
+def test_a_bad_evaluation_sample_stops_the_evaluation(tmp_path):
+    # Dropping it would let the metrics count the image as missed, silently.
+    with pytest.raises(DataError, match="shape_0.png"):
+        train(tiny_cfg(tmp_path / "skip", "task=engine_test_skips", "train.steps=1", "train.eval_every=1", "data.val_size=8"))
 
 
 # ---- checkpoints and resume --------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from conftest import load_tool
 import torch
 from PIL import Image
 
-from navit_dense.data.decode import ImageDecodeError, load_image
+from navit_dense.data.decode import BadInputWarning, ImageDecodeError, load_image
 from navit_dense.engine.config import load_config, to_object
 from navit_dense.engine.data import build_loader
 from navit_dense.engine.distributed import init_distributed
@@ -73,16 +74,29 @@ def test_bad_training_samples_are_skipped_and_bad_eval_samples_raise(data, tmp_p
     for split in ("training", "validation"):
         for kind in ("images", "annotations"):
             (root / kind / split).mkdir(parents=True)
-            for f in sorted((data / kind / split).iterdir())[:2]:
+            for f in sorted((data / kind / split).iterdir())[:6]:
                 (root / kind / split / f.name).write_bytes(f.read_bytes())
         jpg = root / "images" / split / "synth_0000.jpg"
         jpg.write_bytes(jpg.read_bytes()[:300])
-    task = get_task("segmentation")(to_object(tiny_cfg(root, tmp_path / "run", "data.num_classes=8")))
+    cfg = to_object(tiny_cfg(root, tmp_path / "run", "data.num_classes=8", "data.tokens_per_batch=128"))
+    task = get_task("segmentation")(cfg)
     train_set, val_set = task.build_dataset("train"), task.build_dataset("val")
-    assert train_set[0] is None and train_set.skip_summary()["skipped"] == {"truncated": 1}
+    with pytest.raises(ImageDecodeError):  # the dataset reports; the engine decides
+        train_set[0]
     assert train_set[1] is not None
+    pack = dict(patch_size=16, num_prefix_tokens=0, world_size=1, rank=0)
+    train_loader = build_loader(task, train_set, cfg, train=True, **pack)
+    train_loader.batch_sampler.set_epoch(1)
+    keys = [k.index for micro in train_loader.batch_sampler for k in micro]
+    assert 0 in keys  # the truncated image is drawn this epoch (training drops only the tail micro-batch)
+    with pytest.warns(BadInputWarning, match="truncated"):
+        micros = list(train_loader)
+    assert sum((Counter(m.skipped) for m in micros), Counter()) == {"truncated": keys.count(0)}
+    assert sum(m.batch.num_images for m in micros) == len(keys) - keys.count(0)
+    val_loader = build_loader(task, val_set, cfg, train=False, **pack)
+    val_loader.batch_sampler.set_epoch(0)
     with pytest.raises(ImageDecodeError):
-        val_set[0]
+        list(val_loader)
 
 
 def test_augmentation_keeps_aspect_ratio_and_label_alignment():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -12,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import PackedBatch, ResolutionSampler, TokenDrop
+from ..data.decode import BadInputWarning, DataError
 from .sampler import SampleKey, TokenBudgetSampler
 from .task import PackPlan, Task
 
@@ -23,7 +26,14 @@ class MicroBatch:
     epoch: int
     step: int  # step within the epoch
     micro: int
-    skipped: int  # samples the dataset returned None for (dropped from this batch)
+    skipped: dict[str, int]  # training samples dropped from this batch, per reason (DataError.reason)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What a worker sends instead of a training sample the dataset could not produce."""
+
+    reason: str
 
 
 @contextmanager
@@ -44,8 +54,13 @@ def _seeded(seed: int):
 
 
 class _KeyedDataset(Dataset):
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    """The task's dataset, seeded per sample. The skip policy lives here, once for every task:
+    a training sample whose input is bad (the dataset raises DataError, or returns None) is
+    dropped with a warning and counted per reason; at evaluation the error propagates, since
+    metrics would silently count a dropped image as missed."""
+
+    def __init__(self, dataset, seed: int, train: bool):
+        self.dataset, self.seed, self.train = dataset, seed, train
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -54,8 +69,19 @@ class _KeyedDataset(Dataset):
         # Repeats of an image within an epoch (repeat-factor sampling) get their own augmentation.
         entropy = [self.seed, key.epoch, key.index] + ([key.repeat] if key.repeat else [])
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
-        with _seeded(seed):
-            return key, self.dataset[key.index]
+        try:
+            with _seeded(seed):
+                sample = self.dataset[key.index]
+        except DataError as e:
+            if not self.train:
+                raise
+            warnings.warn(f"training sample {key.index} skipped ({e.reason}): {e}", BadInputWarning, stacklevel=2)
+            return key, Skipped(e.reason)
+        if sample is None:
+            if not self.train:
+                raise RuntimeError(f"the dataset returned no sample for evaluation item {key.index}; evaluation never drops images")
+            return key, Skipped("dataset_returned_none")
+        return key, sample
 
 
 class Collator:
@@ -64,12 +90,13 @@ class Collator:
 
     def __call__(self, items: list[tuple[SampleKey, Any]]) -> MicroBatch:
         first = items[0][0]
-        kept = [(k, s) for k, s in items if s is not None]
+        kept = [(k, s) for k, s in items if not isinstance(s, Skipped)]
         if not kept:
             raise RuntimeError(f"every sample of micro-batch (epoch {first.epoch}, step {first.step}) was skipped by the dataset")
         plan = PackPlan(max_tokens=[k.budget for k, _ in kept], seed=[k.seed for k, _ in kept], **self.pack)
         batch, targets = self.task.collate([s for _, s in kept], plan)
-        return MicroBatch(batch, targets, first.epoch, first.step, first.micro, len(items) - len(kept))
+        skipped = Counter(s.reason for _, s in items if isinstance(s, Skipped))
+        return MicroBatch(batch, targets, first.epoch, first.step, first.micro, dict(skipped))
 
 
 def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens: int, train: bool, world_size: int, rank: int) -> DataLoader:
@@ -107,7 +134,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         token_drop=token_drop,
     )
     return DataLoader(
-        _KeyedDataset(dataset, cfg.seed),
+        _KeyedDataset(dataset, cfg.seed, train),
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=d.num_workers,

@@ -40,10 +40,12 @@ class TaskDataset(Protocol):
         """(height, width) of the image, known without decoding it (it sets the token cost)."""
 
     def __getitem__(self, index: int) -> Any:
-        """One sample; None marks a sample that had to be skipped (the engine drops and counts
-        it). Draw augmentation randomness from the global random/numpy/torch RNGs: the engine
-        seeds them per (seed, epoch, index), so samples do not depend on workers, ranks or
-        resumes. A dataset may also offer ``skip_summary() -> dict`` for the run summary, and
+        """One sample. For a bad input raise navit_dense.data.DataError (or return None): the
+        engine drops a training sample with a warning and counts it per reason (run summary),
+        and lets the error stop an evaluation. Draw augmentation randomness from the global
+        random/numpy/torch RNGs: the engine seeds them per (seed, epoch, index), so samples do
+        not depend on workers, ranks or resumes. A dataset may also offer ``skip_summary() ->
+        dict`` (what it dropped while loading, e.g. bad annotations) for the run summary, and
         ``repeat_factors() -> Sequence[float]`` (one value >= 1 per image) to repeat images
         in every training epoch (LVIS repeat-factor sampling; repeats get their own augmentation)."""
 

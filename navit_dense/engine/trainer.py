@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ class TrainState:
     skipped_nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient
     consecutive_nonfinite: int = 0
     overflow_steps: int = 0  # fp16 steps the GradScaler skipped
-    skipped_samples: int = 0  # samples the dataset returned None for
+    skipped_samples: int = 0  # training samples dropped for bad input (all ranks)
     best_value: float | None = None
     best_step: int | None = None
 
@@ -155,6 +156,7 @@ class Trainer:
         self.train_model = self.ddp or self.model
         self.ema = ModelEMA(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
         self.state = TrainState()
+        self.skip_reasons: Counter[str] = Counter()  # this process, this run segment (summary)
         if restore_from is not None:
             self._restore(restore_from)
         self.logger = RunLogger(self.run_dir, c.train.steps, self.state.step, enabled=env.is_main)
@@ -227,7 +229,9 @@ class Trainer:
         counts = [self.task.count(m.batch, m.targets) for m in micros]
         names = sorted(counts[0])
         local = [sum(cnt[k] for cnt in counts) for k in names]
-        local += [sum(int((~m.batch.padding_mask).sum()) for m in micros), sum(m.skipped for m in micros)]
+        local += [sum(int((~m.batch.padding_mask).sum()) for m in micros), sum(sum(m.skipped.values()) for m in micros)]
+        for m in micros:
+            self.skip_reasons.update(m.skipped)
         glob = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=env.device)).tolist()
         ctx = LossContext(step=st.step, totals=dict(zip(names, glob[: len(names)])))
         tokens, skipped = glob[-2], int(glob[-1])
@@ -343,6 +347,7 @@ class Trainer:
             "skipped_nonfinite_steps": st.skipped_nonfinite,
             "fp16_overflow_steps": st.overflow_steps,
             "skipped_samples": st.skipped_samples,
+            "skipped_by_reason": dict(sum((Counter(r) for r in gather_objects(dict(self.skip_reasons))), Counter())),
             "data_skips": self.train_set.skip_summary() if hasattr(self.train_set, "skip_summary") else None,
             "best_metric": self.cfg.train.best_metric or None,
             "best_value": st.best_value,

@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from ..data import PackedBatch
 from ..data.coco_json import InstanceDataset, load_instances
-from ..data.decode import DataError
 from ..data.detection import (
     CategoryMap,
     Compose,
@@ -147,28 +146,21 @@ def check_query_order(path: str, category_ids: list[int]) -> None:
 
 # ---- data ------------------------------------------------------------------------------------
 class LvisDetectionDataset(DetectionDataset):
-    """DetectionDataset plus the engine hooks: undecodable images are skipped (None, counted)
-    and, when a threshold is set, LVIS repeat factors for the token-budget sampler."""
+    """DetectionDataset plus the engine hooks: the annotation file's skip counts for the run
+    summary and, when a threshold is set, LVIS repeat factors for the token-budget sampler.
+    Undecodable images raise DataError (the engine skips them in training only)."""
 
     def __init__(self, *args, repeat_threshold: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.repeat_threshold = repeat_threshold
-        self.skipped: dict[str, int] = {}
 
     def repeat_factors(self) -> np.ndarray:
         if self.repeat_threshold <= 0:
             return np.ones(len(self))
         return lvis_repeat_factors(self.image_labels(), self.repeat_threshold)
 
-    def __getitem__(self, index: int):
-        try:
-            return super().__getitem__(index)
-        except DataError as e:
-            self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
-            return None
-
     def skip_summary(self) -> dict:
-        return {"skipped": dict(self.skipped), "annotations": self.instances.counts}
+        return {"annotations": self.instances.counts}
 
 
 # ---- evaluation ------------------------------------------------------------------------------

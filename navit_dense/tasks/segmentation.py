@@ -33,7 +33,6 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ..data import PackedBatch
-from ..data.decode import DataError
 from ..data.seg_dataset import ADE20KDataset, SegFolderDataset, load_seg_meta
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
@@ -166,8 +165,8 @@ class SegAugment:
 class SegTaskDataset:
     """A segmentation dataset as the engine wants it: ``image_size`` from file headers,
     augmented (train) and normalized samples ``{"image", "label", "index", "train",
-    "budget_scale"}``. Bad training samples are skipped (None, counted in skip_summary);
-    bad evaluation samples raise, so metrics always cover the whole split."""
+    "budget_scale"}``. Bad inputs raise DataError: the engine skips (and counts) them in
+    training and stops an evaluation, so metrics always cover the whole split."""
 
     def __init__(self, base: SegFolderDataset, d: SegmentationDataConfig, train: bool):
         self.base, self.d, self.train = base, d, train
@@ -175,7 +174,6 @@ class SegTaskDataset:
         self.mean = torch.tensor(d.mean).view(3, 1, 1)
         self.std = torch.tensor(d.std).view(3, 1, 1)
         self._sizes: dict[int, tuple[int, int]] = {}
-        self.skipped: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.base)
@@ -190,13 +188,7 @@ class SegTaskDataset:
         return self._sizes[index]
 
     def __getitem__(self, index: int) -> dict | None:
-        try:
-            item = self.base[index]
-        except DataError as e:
-            if not self.train:
-                raise
-            self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
-            return None
+        item = self.base[index]  # a bad input raises DataError: the engine skips it in training only
         item = {"image": item["image"], "label": item["label"], "index": index, "train": self.train, "budget_scale": 1.0}
         if self.augment is not None:  # global RNG: the engine seeds it per (seed, epoch, index)
             item = self.augment(item, np.random.default_rng(int(torch.randint(0, 2**62, ()))))
@@ -207,9 +199,6 @@ class SegTaskDataset:
         """(image in [0, 1], label) of an item as stored, for visualization."""
         item = self.base[index]
         return item["image"], item["label"]
-
-    def skip_summary(self) -> dict:
-        return {"skipped": dict(self.skipped)}
 
 
 # ---- evaluation ------------------------------------------------------------------------------
