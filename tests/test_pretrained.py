@@ -69,6 +69,24 @@ def test_timm_file_gives_timm_features(timm_vit, tmp_path):
         assert (ours.flatten(1).T - ref).abs().max() <= 1e-4
 
 
+def test_avg_pool_timm_checkpoint_with_fc_norm(tmp_path):
+    # MAE / avg-pool layout: no final norm, fc_norm after pooling; the trunk keeps that choice.
+    torch.manual_seed(0)
+    vit = _perturb(timm.create_model("vit_base_patch16_224", pretrained=False, global_pool="avg", fc_norm=True, **TIMM_SMALL))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "mae.safetensors")
+    with pytest.raises(ValueError, match="fc_norm: true"):
+        load_pretrained(dense(**TIMM_LAYOUT), tmp_path / "mae.safetensors")
+    net = dense(**TIMM_LAYOUT, fc_norm=True)
+    report = load_pretrained(net, tmp_path / "mae.safetensors")
+    assert report["skipped_source_keys"] == ["head.bias", "head.weight"]
+    image = torch.randn(3, 64, 64)
+    with torch.no_grad():
+        ours = net(pack_images([image], 16, 16, 17, num_prefix_tokens=1)).feature_maps[0]
+        ref = vit.forward_features(image[None])[0, 1:]
+    assert (ours.flatten(1).T - ref).abs().max() <= 1e-4
+    torch.testing.assert_close(net.fc_norm.weight, vit.fc_norm.weight)
+
+
 def test_a_file_that_does_not_fit_names_the_fields_to_set(timm_vit, tmp_path):
     save_file({k: v.contiguous() for k, v in timm_vit.state_dict().items()}, tmp_path / "vit.safetensors")
     with pytest.raises(ValueError) as info:
@@ -184,3 +202,12 @@ def test_fine_tune_from_timm_through_the_engine(timm_vit, seg_data, tmp_path, ca
     assert 0 <= metrics["mIoU"] <= 100
     with pytest.raises(FileNotFoundError, match="model.backbone.init: pretrained weights not found"):
         get_task("segmentation")(to_object(cfg)).build_model()
+
+
+def test_every_field_a_hint_can_name_is_a_config_key():
+    from dataclasses import fields
+
+    from navit_dense.engine.config import BackboneConfig
+    from navit_dense.models.pretrained import _ARCH_FIELDS
+
+    assert set(_ARCH_FIELDS) - {"in_chans"} <= {f.name for f in fields(BackboneConfig)}  # packing is RGB-only

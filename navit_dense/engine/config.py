@@ -59,6 +59,7 @@ class BackboneConfig:
     act: Optional[str] = None
     norm_eps: Optional[float] = None
     pre_norm: Optional[bool] = None
+    fc_norm: Optional[bool] = None
     class_token: Optional[bool] = None
     reg_tokens: Optional[int] = None
     no_embed_class: Optional[bool] = None

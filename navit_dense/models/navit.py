@@ -220,7 +220,7 @@ class NaViT(nn.Module):
             embed_prefix = cfg.pos_embed != "none" and not cfg.no_embed_class
             self.prefix_pos = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, dim)) if embed_prefix else None
         self.norm_pre = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace, without a tensor (meta-device builds)
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if not cfg.fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()

@@ -7,8 +7,8 @@ config fields to set, read off the checkpoint (e.g. ``pos_embed: learned2d``,
 configs/_base_/backbones/).
 
 What is loaded is the trunk: patch / position embeddings, prefix tokens, blocks and the final
-norm. Pooling and classifier weights (``head.*``, ``attn_pool.*``, ``fc_norm.*``) and the mask
-token are task specific: the source's are skipped unless the model has the same parameters, and the model's
+norm (``norm`` or, for avg-pool checkpoints, ``fc_norm``: the ``fc_norm`` field). MAP pooling and
+classifier weights (``head.*``, ``attn_pool.*``) and the mask token are task specific: the source's are skipped unless the model has the same parameters, and the model's
 own stay as initialised when the source has none. Both are listed in the returned report.
 
 Files: ``.safetensors``, or a torch checkpoint read with ``weights_only=True`` (a raw state
@@ -34,12 +34,12 @@ from .weight_import import (
 )
 
 FORMATS = ("auto", "navit", "timm", "siglip2")
-# Task-specific parameters (key prefixes): pooling / classifier weights, and the mask token
+# Task-specific parameters (key prefixes): MAP pooling / classifier weights, and the mask token
 # (present only with mask_fill=token). Loaded only where source and model agree exactly.
-TASK_SPECIFIC = ("head.", "attn_pool.", "fc_norm.", "mask_token")
+TASK_SPECIFIC = ("head.", "attn_pool.", "mask_token")
 # Fields that describe what a checkpoint's weights compute (the rest are run-time choices).
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
-                "init_values", "act", "norm_eps", "pre_norm", "class_token", "reg_tokens", "no_embed_class",
+                "init_values", "act", "norm_eps", "pre_norm", "fc_norm", "class_token", "reg_tokens", "no_embed_class",
                 "pos_embed", "pos_embed_grid", "pos_embed_mode", "pos_embed_antialias")  # fmt: skip
 _SIGNATURES = {  # format -> a key only that format has
     "timm": "patch_embed.proj.weight",
@@ -142,10 +142,10 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
             raise ValueError(f"{path}: weights {unexpected[:8]} do not belong to this NaViT (prefix {found_prefix!r})")
         converted.update(optional)
     else:
-        trunk_cfg = replace(model.cfg, global_pool="none", num_classes=0, fc_norm=False)
+        trunk_cfg = replace(model.cfg, global_pool="none", num_classes=0)
         try:
             converter = convert_timm_state_dict if fmt == "timm" else convert_siglip2_state_dict
-            converted = converter(trunk, trunk_cfg, reference=NaViT(trunk_cfg))
+            converted = converter(trunk, trunk_cfg)  # target shapes from a meta-device NaViT
         except (ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a reshape to the wrong grid
             source_cfg = _source_config(fmt, trunk, path, model.cfg)
             hint = _architecture_hint(source_cfg, model.cfg) if source_cfg is not None else ""

@@ -51,8 +51,9 @@ def _make_config(found: dict[str, Any], overrides: Mapping[str, Any]) -> NaViTCo
 
 
 def _expected_shapes(cfg: NaViTConfig, reference: NaViT | None) -> dict[str, torch.Size]:
-    if reference is None:  # NaViT's constructor cannot run on the meta device (linspace().tolist())
-        reference = NaViT(cfg)
+    if reference is None:  # shapes only: no memory, no initialisation
+        with torch.device("meta"):
+            reference = NaViT(cfg)
     elif reference.cfg != cfg:
         raise ValueError("reference model was built from a different config")
     return {k: v.shape for k, v in reference.state_dict().items()}
