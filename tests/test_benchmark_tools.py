@@ -5,39 +5,58 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 
 import pytest
 import torch
 
+from navit_dense.data.resize import budget_grid
+import navit_dense.utils.benchmark as benchmark_utils
 from navit_dense.utils.benchmark import StageClock
 
 from conftest import load_tool
 
 
+class FakeTime:
+    """A clock that moves only when told: exact stage sums, no sleeping, no flakiness."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 class Worker:
+    def __init__(self, clock: FakeTime):
+        self.clock = clock
+
     def step(self, seconds: float) -> str:
-        time.sleep(seconds)
+        self.clock.now += seconds
         return "done"
 
 
-def test_stage_clock_times_blocks_and_methods_and_restores_them():
-    clock, worker = StageClock(), Worker()
+@pytest.fixture
+def fake_time(monkeypatch) -> FakeTime:
+    fake = FakeTime()
+    monkeypatch.setattr(benchmark_utils, "time", fake)
+    return fake
+
+
+def test_stage_clock_times_blocks_and_methods_and_restores_them(fake_time):
+    clock, worker = StageClock(), Worker(fake_time)
     with clock("block"):
-        time.sleep(0.01)
+        fake_time.now += 0.25
     with clock.methods({"step": [(worker, "step")]}):
-        assert worker.step(0.01) == "done"
-        assert worker.step(0.0) == "done"
+        assert worker.step(0.5) == "done"
+        assert worker.step(0.125) == "done"
         assert "step" in vars(worker)
     assert "step" not in vars(worker)  # the class's method is back
-    worker.step(0.02)  # not timed any more
-    assert set(clock.seconds) == {"block", "step"}
-    assert 0.009 <= clock.seconds["step"] < 0.02 + 0.5  # sleep() may wake a hair early on another clock
-    assert clock.seconds["block"] >= 0.009
+    worker.step(2.0)  # not timed any more
+    assert clock.seconds == {"block": 0.25, "step": 0.625}
 
 
 def test_stage_clock_restores_after_an_exception_and_refuses_instance_attributes():
-    clock, worker = StageClock(), Worker()
+    clock, worker = StageClock(), Worker(FakeTime())
     with pytest.raises(ZeroDivisionError):
         with clock.methods({"step": [(worker, "step")]}):
             1 / 0
@@ -79,6 +98,13 @@ def test_benchmark_seg_reports_three_methods_consistently(tmp_path):
     for R in (64, 96):
         assert rows[R, "square"]["tokens_per_image"] == (R // 16) ** 2
         assert rows[R, "native"]["tokens_per_image"] <= rows[R, "square"]["tokens_per_image"]
+        # Counted from the batches the NaViT ran: (a) packs each image's budget grid, (c) pads
+        # mmseg's keep-ratio resize to whole patches.
+        sizes = report["data"]["image_sizes_hw"]
+        grids = [budget_grid(h, w, 16, (R // 16) ** 2, max_side=R) for h, w in sizes]
+        padded = [(-(-fh // 16)) * (-(-fw // 16)) for fh, fw in (tool.fit_size(h, w, R) for h, w in sizes)]
+        assert rows[R, "native"]["tokens_per_image"] == pytest.approx(sum(gh * gw for gh, gw in grids) / len(sizes), abs=0.05)
+        assert rows[R, "mmseg"]["tokens_per_image"] == pytest.approx(sum(padded) / len(sizes), abs=0.05)
         summary = report["summary"][str(R)]
         ratio = rows[R, "mmseg"]["forward_ms_per_image"] / rows[R, "native"]["forward_ms_per_image"]
         assert summary["native_over_mmseg_forward_speed"] == pytest.approx(ratio, abs=0.01)
@@ -91,4 +117,6 @@ def test_benchmark_seg_rejects_unknown_backbone_fields():
     tool = load_tool("benchmark_seg")
     with pytest.raises(SystemExit, match="reg_token=4"):
         tool.parse_backbone_overrides(["reg_token=4"])
+    with pytest.raises(SystemExit, match="fixed here"):
+        tool.parse_backbone_overrides(["patch_size=8"])  # the tool's pixel pipeline is P = 16
     assert tool.parse_backbone_overrides(["reg_tokens=4", "qk_norm=true"]) == {"reg_tokens": 4, "qk_norm": True}

@@ -56,9 +56,9 @@ import argparse
 import csv
 import importlib.util
 import json
-import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -247,15 +247,18 @@ def set_mmseg_resolution(model, R: int) -> None:
     ]
 
 
-def tokens_per_image(method: str, sizes, R: int) -> float:
-    from navit_dense.data.resize import budget_grid
+class TokenCounter:
+    """Patch tokens the NaViT ran, per method, counted by a forward pre-hook on the one NaViT
+    module all three paths share (mmseg's backbone included): measured, not derived."""
 
-    if method == "square":
-        return float((R // 16) ** 2)
-    if method == "native":
-        grids = [budget_grid(h, w, 16, (R // 16) ** 2, max_side=R) for h, w in sizes]
-        return float(np.mean([gh * gw for gh, gw in grids]))
-    return float(np.mean([math.ceil(h / 16) * math.ceil(w / 16) for h, w in (fit_size(h, w, R) for h, w in sizes)]))
+    def __init__(self, net: torch.nn.Module):
+        self.method: str | None = None  # counting only while set (timed calls)
+        self.tokens: dict[str, int] = {}
+        net.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        if self.method is not None:
+            self.tokens[self.method] = self.tokens.get(self.method, 0) + int(args[0].num_kept.sum())
 
 
 # ---- benchmark -------------------------------------------------------------------------------
@@ -265,6 +268,7 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
 
     rows = []
     chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    counter = TokenCounter(segmenter.backbone)
     for R in resolutions:
         if R % 16:
             raise ValueError(f"max resolution {R} is not a multiple of the patch size 16")
@@ -287,9 +291,11 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
             preds = {}
             for m in METHODS:
                 staged = sum(clocks[m].seconds.values())
+                counter.method = f"{R}/{m}"
                 c0, t0 = time.process_time(), time.perf_counter()
                 preds[m] = run[m](bgrs, clocks[m])
                 elapsed = time.perf_counter() - t0
+                counter.method = None
                 wall[m] += elapsed
                 cpu[m] += time.process_time() - c0
                 if m == "mmseg":  # everything of the call outside the timed methods
@@ -301,14 +307,13 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
                     valid = label != 255
                     agree[m][0] += int((p[valid] == q[valid]).sum())
                     agree[m][1] += int(valid.sum())
-        sizes = [s[0].shape[:2] for s in samples]
         for m in METHODS:
             peak, _ = peak_memory(lambda: run[m](first, StageClock()))
             res = metrics[m].compute()
             rows.append({
                 "max_res": R, "method": m, "images": len(samples),
                 "images_per_s": round(len(samples) / wall[m], 3), "cpu_images_per_s": round(len(samples) / cpu[m], 3),
-                "seconds": round(wall[m], 3), "tokens_per_image": round(tokens_per_image(m, sizes, R), 1),
+                "seconds": round(wall[m], 3), "tokens_per_image": round(counter.tokens[f"{R}/{m}"] / len(samples), 1),
                 "peak_mem_mb": round(peak / 2**20, 1), "mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"],
                 "agreement_with_mmseg": round(100 * agree[m][0] / max(agree[m][1], 1), 2),
                 **{f"{k}_ms_per_image": round(1000 * clocks[m].seconds.get(k, 0.0) / len(samples), 2) for k in STAGES},
@@ -365,17 +370,21 @@ def plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+# The tool's layout (P = 16 pixel pipeline, 128-wide 1x1 head, block 3, token maps) is fixed.
+FIXED_FIELDS = ("patch_size", "embed_dim", "in_chans", "out_indices", "global_pool", "num_classes")
+
+
 def parse_backbone_overrides(items: list[str]) -> dict:
     import yaml
 
     from navit_dense.models import NaViTConfig
 
-    valid = {f.name for f in fields(NaViTConfig)}
+    valid = sorted({f.name for f in fields(NaViTConfig)} - set(FIXED_FIELDS))
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in valid:
-            raise SystemExit(f"--backbone {item!r}: expected FIELD=VALUE with FIELD one of the NaViTConfig fields {sorted(valid)}")
+            raise SystemExit(f"--backbone {item!r}: expected FIELD=VALUE with FIELD one of {valid} (fixed here: {list(FIXED_FIELDS)})")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -422,15 +431,20 @@ def main(argv=None) -> int:
     n_train, n_val = (96, 16) if args.quick else (240, 40)
     train_iters = args.train_iters or (200 if args.quick else 600)
     data_root = Path(args.data_root) if args.data_root else work / "data"
-    if not args.data_root and not (data_root / "meta.json").is_file():
+    meta = data_root / "meta.json"
+    wanted = {"training": n_train, "validation": n_val}
+    if not args.data_root and (not meta.is_file() or json.loads(meta.read_text()).get("num_images") != wanted):
         t0 = time.perf_counter()
+        if data_root.exists():  # made for the other mode (--quick or not): never benchmark a mix
+            shutil.rmtree(data_root)
         _tool("make_synthetic_seg").make_synthetic_seg(data_root, seed=0, n_train=n_train, n_val=n_val, min_side=160, max_side=640)
         print(f"generated {n_train} + {n_val} images in {data_root} ({time.perf_counter() - t0:.1f} s)")
 
     from mmengine.registry import init_default_scope
 
     init_default_scope("mmseg")
-    cfg = bench_config(data_root, work / "train", train_iters, parse_backbone_overrides(args.backbone))
+    overrides = parse_backbone_overrides(args.backbone)
+    cfg = bench_config(data_root, work / "train", train_iters, overrides)
     model, train_info = load_model(cfg, args.checkpoint)
     segmenter = native_segmenter(model)
     same_fn_diff = check_same_function(model, segmenter)
@@ -446,7 +460,7 @@ def main(argv=None) -> int:
         "summary": summarize(rows),
         "methods": LABELS,
         "weights": {**train_info, "model": "NaViT-Ti depth 4, dim 128, 4 heads, P=16, block 3 -> linear (1x1 conv) head",
-                    "backbone_overrides": parse_backbone_overrides(args.backbone),
+                    "backbone_overrides": overrides,
                     "same_function_max_logit_diff": same_fn_diff},  # fmt: skip
         "data": {"root": str(data_root), "held_out_images": len(samples),
                  "image_sizes_hw": [list(s[0].shape[:2]) for s in samples]},  # fmt: skip
