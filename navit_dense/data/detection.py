@@ -25,6 +25,7 @@ from .coco_json import Category, ImageRecord, InstanceDataset, load_instances
 from .decode import load_image
 from .packed_batch import PackedBatch
 from .packing import pack_images
+from .resize import scale_budgets
 from .token_drop import TokenDrop
 
 Mask = list | dict  # polygons (list of flat coordinate lists) or an RLE dict
@@ -391,11 +392,6 @@ class RepeatFactorSampler(Sampler[int]):
 
 
 # ---- collate -----------------------------------------------------------------------------
-def jittered_budgets(samples: Sequence[DetectionSample], budgets: Sequence[int], cap: int) -> list[int]:
-    """Per-sample token budgets scaled by budget_scale^2 (budget scale jitter), in [1, cap]."""
-    return [min(cap, max(1, round(b * s.budget_scale**2))) for s, b in zip(samples, budgets)]
-
-
 def detection_targets(samples: Sequence[DetectionSample]) -> list[dict]:
     """Loss / evaluation targets, one dict per sample (= packing input order):
     "labels" long [G]; "boxes" float [G, 4] NORMALIZED (cx, cy, w, h) in [0, 1] of the image
@@ -440,7 +436,7 @@ class DetectionCollate:
 
     def __call__(self, samples: Sequence[DetectionSample]) -> tuple[PackedBatch, list[dict]]:
         room = self.seq_len - self.pack_kwargs.get("num_prefix_tokens", 0)
-        budgets = jittered_budgets(samples, [self.max_tokens_per_image] * len(samples), room)
+        budgets = scale_budgets([self.max_tokens_per_image] * len(samples), [s.budget_scale for s in samples], room)
         # Token dropping draws from torch's RNG (seeded per DataLoader worker and epoch).
         seed = int(torch.randint(0, 2**31 - 1, ())) if self.token_drop is not None else 0
         batch = pack_images(

@@ -45,6 +45,12 @@ def budget_grid(
     return best
 
 
+def scale_budgets(budgets, side_scales, cap: int) -> list[int]:
+    """Token budgets for images whose sides are scaled by ``side_scales`` (budget scale
+    jitter: tokens scale with the square), each in [1, cap]."""
+    return [min(cap, max(1, round(b * s**2))) for b, s in zip(budgets, side_scales)]
+
+
 def resize_to_grid(image: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     """Resize a CHW image to exactly (h * P, w * P) pixels (antialiased bilinear)."""
     size = (grid[0] * patch_size, grid[1] * patch_size)

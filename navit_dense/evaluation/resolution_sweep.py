@@ -177,6 +177,8 @@ def run_resolution_sweep(
     if isinstance(cfg, (str, Path)):
         cfg = load_config(cfg)
     c = cfg if isinstance(cfg, Config) else to_object(cfg)
+    if c.task != "detection":
+        raise ValueError(f"the LVIS resolution sweep evaluates detection configs, got task {c.task!r} (segmentation: tools/eval_seg.py)")
     if not max_res_list:
         raise ValueError("max_res_list is empty")
     env = init_distributed(c.train.device)

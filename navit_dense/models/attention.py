@@ -149,8 +149,9 @@ def _varlen_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     batch = ctx.batch
     S, H, L, Dh = q.shape
     valid = ctx.cached("valid_index", lambda: (~batch.padding_mask).reshape(-1).nonzero().squeeze(1))
-    cu = batch.cu_seqlens.to(device=q.device, dtype=torch.int32)
-    max_len = batch.max_run_length
+    # Once per forward, not once per layer: the cast and the max are host round trips on CUDA.
+    cu = ctx.cached("cu_seqlens", lambda: batch.cu_seqlens.to(device=q.device, dtype=torch.int32))
+    max_len = ctx.cached("max_run_length", lambda: batch.max_run_length)
 
     def tokens(x):  # [S, H, L, Dh] -> [T, H, Dh]
         return x.transpose(1, 2).reshape(S * L, H, Dh).index_select(0, valid)

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..data import PackedBatch
 from ..data.coco_json import InstanceDataset, load_instances
+from ..data.resize import scale_budgets
 from ..data.detection import (
     CategoryMap,
     Compose,
@@ -32,7 +33,6 @@ from ..data.detection import (
     RandomHorizontalFlip,
     ScaleJitter,
     detection_targets,
-    jittered_budgets,
     lvis_repeat_factors,
 )
 from ..engine.config import DataConfig, ModelConfig
@@ -269,7 +269,7 @@ class DetectionTask(Task):
 
     def collate(self, samples: list, plan: PackPlan):
         # Budget scale jitter multiplies each image's token budget (capped at one sequence).
-        budgets = jittered_budgets(samples, plan.max_tokens, plan.seq_len - plan.num_prefix_tokens)
+        budgets = scale_budgets(plan.max_tokens, [s.budget_scale for s in samples], plan.seq_len - plan.num_prefix_tokens)
         plan = replace(plan, max_tokens=budgets, max_side=self.cfg.data.max_side)
         batch = plan.pack([s.image for s in samples])
         targets = detection_targets(samples)  # normalized cxcywh boxes + image_id, scale, LVIS lists

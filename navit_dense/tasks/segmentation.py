@@ -33,6 +33,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ..data import PackedBatch
+from ..data.resize import scale_budgets
 from ..data.seg_dataset import ADE20KDataset, SegFolderDataset, load_seg_meta
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
@@ -224,12 +225,11 @@ class SegEvaluator:
                 self.predictions[index] = pred.to(torch.int16).cpu()
 
     def state(self) -> dict:
-        return {"confusion": self.metric.confusion, "updates": self.metric.num_updates, "predictions": self.predictions}
+        return {"metric": self.metric, "predictions": self.predictions}
 
     def merge(self, states: list[dict]) -> None:
         for s in states:
-            self.metric.confusion += s["confusion"]
-            self.metric.num_updates += s["updates"]
+            self.metric.merge(s["metric"])
             self.predictions.update(s["predictions"])
 
     def metrics(self) -> dict[str, float]:
@@ -306,8 +306,7 @@ class SegmentationTask(Task):
         images = [s["image"] for s in samples]
         targets: dict[str, Any] = {"index": [s["index"] for s in samples]}
         if samples[0]["train"]:
-            room = plan.seq_len - plan.num_prefix_tokens
-            budgets = [min(room, max(1, round(b * s["budget_scale"] ** 2))) for s, b in zip(samples, plan.max_tokens)]
+            budgets = scale_budgets(plan.max_tokens, [s["budget_scale"] for s in samples], plan.seq_len - plan.num_prefix_tokens)
             batch = replace(plan, max_tokens=budgets, max_side=d.max_side).pack(images)
             # The loss is taken at the size each image was packed at (see seg_heads).
             targets["labels"] = [resize_label(s["label"], size) for s, size in zip(samples, batch.resized_sizes.tolist())]
