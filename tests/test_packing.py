@@ -228,7 +228,7 @@ def test_per_image_drop_seeds_do_not_depend_on_batch_composition():
 
 
 @given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40), capacity=st.integers(300, 1200))
-def test_capacity_search_never_worse_than_plain_balanced(lengths, capacity):
+def test_capacity_search_beats_plain_balanced_at_every_capacity(lengths, capacity):
     def area(bins):
         longest = max(sum(lengths[i] for i in b) for b in bins)
         return len(bins) * min(capacity, -(-longest // 8) * 8)
@@ -236,8 +236,18 @@ def test_capacity_search_never_worse_than_plain_balanced(lengths, capacity):
     searched = pack_lengths(lengths, capacity, "balanced", shrink_multiple=8)
     assert sorted(i for b in searched for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= capacity for b in searched)
-    assert area(searched) <= area(pack_lengths(lengths, capacity, "balanced"))
     assert area(searched) >= sum(lengths)
+    # What the search promises: no capacity it could shrink to gives a smaller area.
+    for c in range(-(-max(lengths) // 8) * 8, capacity + 8, 8):
+        assert area(searched) <= area(pack_lengths(lengths, min(c, capacity), "balanced")), c
+
+
+def test_capacity_search_regression_example():
+    # The old early stop used ceil(total / c) * c as a bound, which is not one: it settled for
+    # 3 x 40 slots where 2 x 56 fit.
+    lengths = [17, 31, 21, 7, 14, 21]
+    bins = pack_lengths(lengths, 64, "balanced", shrink_multiple=8)
+    assert len(bins) == 2 and max(sum(lengths[i] for i in b) for b in bins) <= 56
 
 
 def test_pack_native_keeps_each_image_grid_and_pixels():

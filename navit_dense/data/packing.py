@@ -6,6 +6,7 @@ bins of image indices; :func:`pack_images` turns images into a :class:`PackedBat
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from typing import Sequence
 
@@ -46,19 +47,22 @@ def _first_fit(order: Sequence[int], lengths: Sequence[int], capacity: int, max_
 
 
 def _best_fit(order: Sequence[int], lengths: Sequence[int], capacity: int, max_images: int | None) -> list[list[int]]:
+    """Each item into the open bin with the least room that still fits it (ties: the lowest
+    bin index); bins full in image count leave the search. O(n log bins) with a sorted list."""
     bins: list[list[int]] = []
-    free: list[int] = []
+    open_rooms: list[tuple[int, int]] = []  # sorted (room, bin index)
     for i in order:
-        best, best_room = -1, capacity + 1
-        for b, room in enumerate(free):
-            if lengths[i] <= room < best_room and (max_images is None or len(bins[b]) < max_images):
-                best, best_room = b, room
-        if best < 0:
+        n = lengths[i]
+        j = bisect.bisect_left(open_rooms, (n, -1))
+        if j == len(open_rooms):
             bins.append([i])
-            free.append(capacity - lengths[i])
+            b, room = len(bins) - 1, capacity - n
         else:
-            bins[best].append(i)
-            free[best] -= lengths[i]
+            room, b = open_rooms.pop(j)
+            bins[b].append(i)
+            room -= n
+        if max_images is None or len(bins[b]) < max_images:
+            bisect.insort(open_rooms, (room, b))
     return bins
 
 
@@ -144,17 +148,40 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _balanced_search(lengths, capacity, decreasing, max_images, multiple) -> list[list[int]]:
+    """Least area (bins x longest bin, rounded up to ``multiple``) over capacities c in
+    [longest item, capacity]: for each bin count n, the smallest c that best-fit packs into
+    n bins (binary search), rebalanced; n grows until no packing with more bins can win."""
     total = sum(lengths)
     candidates = sorted({min(capacity, c) for c in range(_round_up(max(lengths), multiple), capacity + multiple, multiple)})
-    # Area can never beat ceil(total / c) * c: visit capacities by that bound and stop early.
-    bound = lambda c: -(-total // c) * c  # noqa: E731
-    best, best_area = None, None
-    for c in sorted(candidates, key=lambda c: (bound(c), -c)):
-        if best_area is not None and bound(c) >= best_area:
-            break
-        bins = _rebalance(_best_fit(decreasing, lengths, c, max_images), lengths, c, max_images)
-        longest = max(sum(lengths[i] for i in b) for b in bins)
-        area = len(bins) * min(capacity, _round_up(longest, multiple))
+    # A true lower bound on the area of any packing into n bins: its longest bin holds at
+    # least ceil(total / n) tokens. It is not monotone in n, hence the suffix minimum.
+    N = len(lengths)
+    floor = [0] + [n * min(capacity, _round_up(-(-total // n), multiple)) for n in range(1, N + 1)]
+    for n in range(N - 1, 0, -1):
+        floor[n] = min(floor[n], floor[n + 1])
+    packed: dict[int, list[list[int]]] = {}
+
+    def pack(j: int) -> list[list[int]]:
+        if j not in packed:
+            packed[j] = _best_fit(decreasing, lengths, candidates[j], max_images)
+        return packed[j]
+
+    best, best_area, tried = None, None, set()
+    for n in range(len(pack(len(candidates) - 1)), N + 1):
+        if best_area is not None and floor[n] >= best_area:
+            break  # no packing with n or more bins can beat the best
+        lo, hi = 0, len(candidates) - 1  # smallest capacity whose best-fit needs <= n bins
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(pack(mid)) <= n else (mid + 1, hi)
+        if lo in tried:
+            if lo == 0:
+                break  # the smallest capacity is reached: more bins change nothing
+            continue
+        tried.add(lo)
+        c = candidates[lo]
+        bins = _rebalance([list(b) for b in pack(lo)], lengths, c, max_images)
+        area = len(bins) * min(capacity, _round_up(max(sum(lengths[i] for i in b) for b in bins), multiple))
         if best_area is None or area < best_area:
             best, best_area = bins, area
     return best
