@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import itertools
 
 import numpy as np
@@ -65,6 +67,13 @@ def test_cost_matrix_terms():
     assert torch.allclose(giou, -generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt, "cxcywh", "xyxy")))
     cls = HungarianMatcher(cost_class=1, cost_l1=0, cost_giou=0).cost_matrix(logits, boxes, labels, gt)
     assert torch.allclose(cls, focal_class_cost(logits, labels))
+    # By hand at logit 0 (p = 1/2): alpha (1-p)^2 ln 2 - (1-alpha) p^2 ln 2 = (0.25 - 0.75) / 4 ln 2.
+    zero = focal_class_cost(torch.zeros(1, 3), torch.tensor([1]))
+    assert float(zero) == pytest.approx((0.25 - 0.75) * 0.25 * math.log(2), rel=1e-6)
+    # And at logit 2 with alpha 0.5, gamma 1: 0.5 (1-p) ln(1/p) - 0.5 p ln(1/(1-p)).
+    p = 1 / (1 + math.exp(-2))
+    two = focal_class_cost(torch.full((1, 1), 2.0), torch.tensor([0]), alpha=0.5, gamma=1.0)
+    assert float(two) == pytest.approx(0.5 * (1 - p) * -math.log(p) - 0.5 * p * -math.log(1 - p), rel=1e-6)
     # A confident correct prediction is cheaper than a confident wrong one.
     c = focal_class_cost(torch.tensor([[8.0, -8.0], [-8.0, 8.0]]), torch.tensor([0]))
     assert c[0, 0] < 0 < c[1, 0]

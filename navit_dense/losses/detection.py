@@ -29,9 +29,9 @@ from ..models.owl_head import OwlOutput
 def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """[T, K] logits, [G] labels -> [T, G]: focal loss of calling token t class labels[g]
     minus that of calling it background (Deformable DETR's matching cost)."""
-    prob = logits.sigmoid()[:, labels]
-    pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
-    neg = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+    x = logits[:, labels]
+    pos = sigmoid_focal_loss(x, torch.ones_like(x), alpha, gamma, reduction="none")
+    neg = sigmoid_focal_loss(x, torch.zeros_like(x), alpha, gamma, reduction="none")
     return pos - neg
 
 
