@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -77,6 +78,34 @@ def test_budget_grid_respects_budget_and_aspect(height, width, budget, max_side)
     # the budget is used: one more step of scale would not fit
     h2, w2 = budget_grid(height, width, P, budget + max(h, w) * 4, max_side=max_side)
     assert h2 >= h and w2 >= w
+
+
+def _largest_grid_by_enumeration(H, W, P, budget, max_side, allow_upscale):
+    """The spec, checked exhaustively: over every scale s where a side's patch count changes
+    (s = k / H or k / W), the grid (ceil(H s), ceil(W s)) (at least 1 x 1) of the largest s
+    that fits the budget, the side cap and, without upscaling, s <= 1 / P."""
+    cap = max_side // P if max_side is not None else budget
+    best, best_s = (1, 1), Fraction(0)
+    for along in (H, W):
+        for k in range(1, budget + 1):
+            s = Fraction(k, along)
+            grid = (max(1, math.ceil(H * s)), max(1, math.ceil(W * s)))
+            fits = grid[0] * grid[1] <= budget and max(grid) <= cap and (allow_upscale or s * P <= 1)
+            if fits and s > best_s:
+                best, best_s = grid, s
+    return best
+
+
+@given(
+    height=st.integers(1, 3000),
+    width=st.integers(1, 3000),
+    budget=st.integers(1, 300),
+    max_side=st.one_of(st.none(), st.sampled_from([64, 128, 256, 512])),
+    allow_upscale=st.booleans(),
+)
+def test_budget_grid_is_the_largest_fitting_scale(height, width, budget, max_side, allow_upscale):
+    got = budget_grid(height, width, 16, budget, max_side=max_side, allow_upscale=allow_upscale)
+    assert got == _largest_grid_by_enumeration(height, width, 16, budget, max_side, allow_upscale)
 
 
 def test_budget_grid_examples():
