@@ -3,13 +3,13 @@ sampling, collate targets, the LVIS-format dataset reader and the synthetic LVIS
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -199,10 +199,7 @@ def test_collate_packs_and_normalizes_targets():
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("make_synthetic_lvis", ROOT / "tools" / "make_synthetic_lvis.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("make_synthetic_lvis")
 
 
 @pytest.fixture(scope="module")

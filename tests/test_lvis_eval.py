@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from navit_dense.evaluation import lvis_eval
 from navit_dense.evaluation.lvis_eval import (
@@ -408,10 +408,7 @@ def test_coco_format_uses_pycocotools(datasets, iou_type):
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("eval_lvis_cli", ROOT / "tools" / "eval_lvis.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("eval_lvis")
 
 
 def test_cli_files_mode(datasets, tmp_path, capsys):
@@ -437,6 +434,9 @@ def test_cli_files_mode(datasets, tmp_path, capsys):
     assert "JSON list" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--gt", str(tmp_path / "gt.json")])  # file mode needs both files
+    with pytest.raises(SystemExit):  # file-mode options are refused in sweep mode, not ignored
+        cli.main(["--config", "c.yaml", "--checkpoint", "ckpt", "--protocol", "fixed"])
+    assert "apply to file mode only" in capsys.readouterr().err
 
 
 def test_generator_is_seeded_and_well_formed():

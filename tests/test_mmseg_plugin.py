@@ -4,12 +4,12 @@ mmengine Runner training / IoUMetric validation, mmseg.apis whole-image inferenc
 Runs against the real mmsegmentation 1.2.2 / mmengine / full mmcv (required, see tools/install_mmseg.sh).
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 from mmengine import Config
 from mmengine.registry import init_default_scope
@@ -137,10 +137,7 @@ def test_loss_on_batch_not_multiple_of_size_divisor_equals_padded_batch():
 
 # ---- mmengine Runner: train + IoUMetric val, then mmseg.apis inference ------------------------
 def _make_dataset(out: Path) -> None:
-    spec = importlib.util.spec_from_file_location("tool_make_synthetic_seg", ROOT / "tools" / "make_synthetic_seg.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.make_synthetic_seg(out, seed=0, n_train=8, n_val=3, min_side=48, max_side=120)
+    load_tool("make_synthetic_seg").make_synthetic_seg(out, seed=0, n_train=8, n_val=3, min_side=48, max_side=120)
 
 
 @pytest.fixture(scope="module")

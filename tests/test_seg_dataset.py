@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 from PIL import Image
 
@@ -21,20 +21,12 @@ from navit_dense.data.seg_dataset import (
     reduce_zero_label,
 )
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    _load_tool("make_synthetic_seg").make_synthetic_seg(out, seed=0, n_train=6, n_val=3)
+    load_tool("make_synthetic_seg").make_synthetic_seg(out, seed=0, n_train=6, n_val=3)
     return out
 
 
@@ -110,7 +102,7 @@ def test_synthetic_dataset_loads_at_native_resolution(synth):
 
 
 def test_synthetic_generator_is_deterministic(tmp_path):
-    gen = _load_tool("make_synthetic_seg")
+    gen = load_tool("make_synthetic_seg")
     gen.make_synthetic_seg(tmp_path / "a", seed=3, n_train=2, n_val=1, min_side=64, max_side=96)
     gen.make_synthetic_seg(tmp_path / "b", seed=3, n_train=3, n_val=1, min_side=64, max_side=96)
     for rel in ("images/training/synth_0001.jpg", "annotations/training/synth_0001.png", "annotations/validation/synth_0000.png"):

@@ -4,13 +4,13 @@ summary and per-class numbers bit for bit, the unrounded ones too (same float32 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 from mmcv.transforms import LoadImageFromFile
 from mmengine.logging import MMLogger
@@ -21,7 +21,6 @@ from mmseg.evaluation import IoUMetric
 from navit_dense.data.seg_dataset import ADE20KDataset
 from navit_dense.evaluation.seg_metrics import SegMetric
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -182,10 +181,7 @@ def test_streaming_merge_and_batch_update():
 def test_reduce_zero_label_dataset_end_to_end(tmp_path):
     """ADE-format data with reduce_zero_label: our dataset reads the same labels (and image
     sizes) as mmseg's loading pipeline, and our metric on them equals IoUMetric."""
-    spec = importlib.util.spec_from_file_location("make_synthetic_seg", TOOLS / "make_synthetic_seg.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    meta = gen.make_synthetic_seg(tmp_path, seed=5, n_train=1, n_val=5)
+    meta = load_tool("make_synthetic_seg").make_synthetic_seg(tmp_path, seed=5, n_train=1, n_val=5)
 
     ours = ADE20KDataset(tmp_path, "validation")
     theirs = BaseSegDataset(

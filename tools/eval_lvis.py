@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", help="the run's config YAML (as given to tools/train.py)")
     sweep.add_argument("--checkpoint", help="checkpoint directory (or a run's checkpoints/last)")
     sweep.add_argument("--max-res", default="256,384,512,768", help="comma-separated max image sides in pixels")
-    sweep.add_argument("--out", default=None, help="output folder (default: <checkpoint>/../resolution_sweep)")
+    sweep.add_argument("--out", default=None, help="output folder (default: <run dir>/resolution_sweep)")
     sweep.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val_json=...")
 
     common = parser.add_argument_group("evaluation options")
@@ -76,6 +76,11 @@ def select_mode(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.config or args.checkpoint:
         if not (args.config and args.checkpoint):
             parser.error("sweep mode needs both --config and --checkpoint")
+        # The sweep evaluates boxes with the task's evaluator (LVIS standard protocol, fast path).
+        ignored = [f"--{k.replace('_', '-')}" for k in ("iou_type", "protocol", "max_dets", "dets_per_cat", "reference")
+                   if getattr(args, k) != parser.get_default(k)]  # fmt: skip
+        if ignored:
+            parser.error(f"{', '.join(ignored)} apply to file mode only; the sweep uses the detection task's evaluator")
         return run_sweep
     parser.error("nothing to evaluate: give --gt and --dets, or --config and --checkpoint")
 
@@ -88,7 +93,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
         max_res = [int(r) for r in args.max_res.split(",") if r.strip()]
     except ValueError:
         raise EvalInputError(f"--max-res: expected comma-separated integers, got {args.max_res!r}") from None
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "resolution_sweep"
+    from navit_dense.engine import checkpoint as ckpt
+
+    # Next to the resolved checkpoint's run (--checkpoint may also name the run directory).
+    out = Path(args.out) if args.out else ckpt.resolve(args.checkpoint).parent.parent / "resolution_sweep"
     rows = run_resolution_sweep(load_config(args.config, args.overrides), args.checkpoint, max_res, out)
     return {"mode": "sweep", "format": "sweep", "rows": rows, "out": str(out)}
 
