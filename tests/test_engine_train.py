@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from navit_dense.engine.data import build_loader
 from navit_dense.engine.optim import ModelEMA, lr_factor, param_groups
 from navit_dense.engine.task import get_task, register_task
 from navit_dense.engine.trainer import NonFiniteLossError, train
-from navit_dense.tasks.classification import ClassificationTask, ShapesDataset
+from navit_dense.tasks.classification import ClassificationModelConfig, ClassificationTask, ShapesDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "classification" / "toy.yaml"
@@ -139,9 +140,25 @@ def test_fp16_needs_cuda(tmp_path):
         train(tiny_cfg(tmp_path / "fp16", "train.precision=fp16", "train.steps=1"))
 
 
+@dataclass
+class _NanModelConfig(ClassificationModelConfig):
+    nan_loss_steps: list[int] = field(default_factory=list)  # NaN loss at these steps (0-based)
+
+
+@register_task("engine_test_nan")
+class _NanLossTask(ClassificationTask):
+    ModelConfig = _NanModelConfig
+
+    def losses(self, logits, targets, ctx):
+        out = super().losses(logits, targets, ctx)
+        if ctx.step in self.cfg.model.nan_loss_steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
 def test_nonfinite_loss_skips_the_update(tmp_path):
     run = tmp_path / "nan"
-    cfg = tiny_cfg(run, "train.steps=5", "train.ckpt_every=1", "train.keep_last=10", "train.ema_decay=0.5", "model.nan_loss_steps=[2, 4]", "train.max_consecutive_nonfinite=2", "data.val_size=0")
+    cfg = tiny_cfg(run, "train.steps=5", "train.ckpt_every=1", "train.keep_last=10", "train.ema_decay=0.5", "task=engine_test_nan", "model.nan_loss_steps=[2, 4]", "train.max_consecutive_nonfinite=2", "data.val_size=0")
     summary = train(cfg)
     assert summary["skipped_nonfinite_steps"] == 2 and summary["steps"] == 5
     records = train_records(run)
@@ -154,7 +171,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
-    cfg = tiny_cfg(tmp_path / "nan", "train.steps=6", "model.nan_loss_steps=[1, 2, 3]", "train.max_consecutive_nonfinite=3", "data.val_size=0")
+    cfg = tiny_cfg(tmp_path / "nan", "train.steps=6", "task=engine_test_nan", "model.nan_loss_steps=[1, 2, 3]", "train.max_consecutive_nonfinite=3", "data.val_size=0")
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a non-finite loss"):
         train(cfg)
 

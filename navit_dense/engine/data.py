@@ -25,7 +25,6 @@ class MicroBatch:
     targets: Any
     epoch: int
     step: int  # step within the epoch
-    micro: int
     skipped: dict[str, int]  # training samples dropped from this batch, per reason (DataError.reason)
 
 
@@ -96,7 +95,7 @@ class Collator:
         plan = PackPlan(max_tokens=[k.budget for k, _ in kept], seed=[k.seed for k, _ in kept], **self.pack)
         batch, targets = self.task.collate([s for _, s in kept], plan)
         skipped = Counter(s.reason for _, s in items if isinstance(s, Skipped))
-        return MicroBatch(batch, targets, first.epoch, first.step, first.micro, dict(skipped))
+        return MicroBatch(batch, targets, first.epoch, first.step, dict(skipped))
 
 
 def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens: int, train: bool, world_size: int, rank: int) -> DataLoader:

@@ -33,7 +33,6 @@ class SampleKey(NamedTuple):
     seed: int  # token-drop seed of this image (per image: independent of batching and rank)
     epoch: int
     step: int  # optimizer step within the epoch
-    micro: int  # micro-batch within the step
     repeat: int = 0  # occurrence of this image earlier in the epoch (repeat-factor sampling), 0 = first
 
 
@@ -163,7 +162,7 @@ class TokenBudgetSampler:
         budgets, costs, steps = self.plan(self.epoch)
         seen: dict[int, int] = {}  # occurrences so far this epoch, counted on the global plan (same on every rank)
         for s in range(len(steps)):
-            for m, micro in enumerate(steps[s]):
+            for micro in steps[s]:
                 repeat = []
                 for i in micro:
                     repeat.append(seen.get(i, 0))
@@ -173,7 +172,7 @@ class TokenBudgetSampler:
                 positions = shard_by_tokens(list(range(len(micro))), [costs[i] for i in micro], self.world_size)[self.rank]
                 if positions:  # only evaluation can leave a rank without images
                     keys = [(micro[p], repeat[p]) for p in positions]
-                    yield [SampleKey(i, budgets[i], self._sample_seed(i, r), self.epoch, s, m, r) for i, r in keys]
+                    yield [SampleKey(i, budgets[i], self._sample_seed(i, r), self.epoch, s, r) for i, r in keys]
 
     def _sample_seed(self, index: int, repeat: int = 0) -> int:
         # Per image (and repeat), so its token-drop pattern is the same whatever rank or batch it lands in.

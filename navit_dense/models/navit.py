@@ -7,8 +7,7 @@ Named configs: navit_ti16, navit_s16, navit_b16, navit_l16.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -336,13 +335,3 @@ def build_backbone(name: str = "navit_ti16", **overrides) -> NaViT:
 
 def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
-
-
-def config_dict(cfg: NaViTConfig) -> dict:
-    return asdict(cfg)
-
-
-def out_indices_for(depth: int, count: int) -> Sequence[int]:
-    """Evenly spaced block indices ending at the last block (ViTDet-style taps)."""
-    step = depth // count
-    return tuple(depth - 1 - step * (count - 1 - k) for k in range(count))
