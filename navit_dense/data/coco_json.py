@@ -103,16 +103,19 @@ class InstanceDataset:
         return sum(len(im.annotations) for im in self.images)
 
 
+def to_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE
+    (what lvis-api's ``ann_to_rle`` does; pycocotools decodes string counts as they are)."""
+    if isinstance(segmentation, list):  # polygons: rasterize and merge the parts
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
 def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
     """Polygons or RLE (compressed or not) -> uint8 [height, width] mask, via pycocotools."""
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        counts = segmentation["counts"]
-        rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-    return mask_utils.decode(rle)
+    return mask_utils.decode(to_rle(segmentation, height, width))
 
 
 # ---- validation helpers ----------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset, Sampler
 from torchvision.ops import box_convert
 
-from .coco_json import Category, ImageRecord, InstanceDataset, load_instances
+from .coco_json import Category, ImageRecord, InstanceDataset, load_instances, segmentation_to_mask
 from .decode import load_image
 from .packed_batch import PackedBatch
 from .packing import pack_images
@@ -64,7 +64,7 @@ class DetectionSample:
         H, W = self.size
         if not self.masks:
             return np.zeros((0, H, W), dtype=np.uint8)
-        return np.stack([mask_utils.decode(_to_rle(m, H, W)) for m in self.masks])
+        return np.stack([segmentation_to_mask(m, H, W) for m in self.masks])
 
 
 class CategoryMap:
@@ -97,15 +97,6 @@ class CategoryMap:
 
 
 # ---- masks -------------------------------------------------------------------------------
-def _to_rle(mask: Mask, height: int, width: int) -> dict:
-    """Any COCO mask form -> one compressed RLE."""
-    if isinstance(mask, list):  # polygons: rasterize and merge the parts
-        return mask_utils.merge(mask_utils.frPyObjects(mask, height, width))
-    if isinstance(mask.get("counts"), list):  # uncompressed RLE
-        return mask_utils.frPyObjects(mask, height, width)
-    return mask
-
-
 def _encode(binary: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
 
@@ -118,7 +109,7 @@ def _flip_mask(mask: Mask, width: int, height: int) -> Mask:
             p[0::2] = width - p[0::2]
             out.append(p.tolist())
         return out
-    return _encode(mask_utils.decode(_to_rle(mask, height, width))[:, ::-1])
+    return _encode(segmentation_to_mask(mask, height, width)[:, ::-1])
 
 
 def _scale_mask(mask: Mask, sy: float, sx: float, old: tuple[int, int], new: tuple[int, int]) -> Mask:
@@ -130,7 +121,7 @@ def _scale_mask(mask: Mask, sy: float, sx: float, old: tuple[int, int], new: tup
             p[1::2] *= sy
             out.append(p.tolist())
         return out
-    binary = torch.from_numpy(mask_utils.decode(_to_rle(mask, *old)))[None, None].float()
+    binary = torch.from_numpy(segmentation_to_mask(mask, *old))[None, None].float()
     return _encode(F.interpolate(binary, size=new, mode="nearest")[0, 0].numpy())
 
 
@@ -148,7 +139,7 @@ def _crop_mask(mask: Mask, x0: int, y0: int, w: int, h: int, old: tuple[int, int
                 q[1::2] -= y0
                 out.append(q.tolist())
             return out
-    return _encode(mask_utils.decode(_to_rle(mask, *old))[y0 : y0 + h, x0 : x0 + w])
+    return _encode(segmentation_to_mask(mask, *old)[y0 : y0 + h, x0 : x0 + w])
 
 
 # ---- augmentations -----------------------------------------------------------------------

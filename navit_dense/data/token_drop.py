@@ -44,9 +44,20 @@ class TokenDrop:
         t = min(max((num_tokens - self.min_tokens) / span, 0.0), 1.0)
         return self.min_rate + t * (self.max_rate - self.min_rate)
 
+    @staticmethod
+    def num_kept(num_tokens: int, rate: float) -> int:
+        """Tokens that survive dropping at ``rate``; at least one always does."""
+        return max(1, int(round(num_tokens * (1.0 - rate))))
+
+    def expected_kept(self, num_tokens: int) -> int:
+        """What an image will keep, known before packing (the token-budget sampler's cost):
+        exact for the constant / resolution modes, the mean for beta (drawn at packing time)."""
+        if self.mode == "beta":
+            return self.num_kept(num_tokens, self.alpha / (self.alpha + self.beta) * self.max_rate)
+        return self.num_kept(num_tokens, self.sample_rate(None, num_tokens))  # no randomness in these modes
+
     def sample_keep(self, rng: np.random.Generator, num_tokens: int) -> tuple[float, np.ndarray]:
         """(rate, sorted kept indices); at least one token always survives."""
         rate = self.sample_rate(rng, num_tokens)
-        keep = max(1, int(round(num_tokens * (1.0 - rate))))
-        kept = np.sort(rng.permutation(num_tokens)[:keep])
+        kept = np.sort(rng.permutation(num_tokens)[: self.num_kept(num_tokens, rate)])
         return rate, kept

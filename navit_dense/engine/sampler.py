@@ -43,15 +43,8 @@ def _grid_tokens(height: int, width: int, patch_size: int, budget: int) -> int:
 
 
 def expected_kept(num_tokens: int, token_drop: TokenDrop | None) -> int:
-    """Tokens an image keeps after dropping: exact for constant/resolution modes, the mean
-    for beta (its rate is only drawn at packing time)."""
-    if token_drop is None:
-        return num_tokens
-    if token_drop.mode == "beta":
-        rate = token_drop.alpha / (token_drop.alpha + token_drop.beta) * token_drop.max_rate
-    else:
-        rate = token_drop.sample_rate(None, num_tokens)  # needs no rng in these modes
-    return max(1, int(round(num_tokens * (1.0 - rate))))
+    """Tokens an image keeps after dropping (see TokenDrop.expected_kept)."""
+    return num_tokens if token_drop is None else token_drop.expected_kept(num_tokens)
 
 
 def shard_by_tokens(items: Sequence[int], costs: Sequence[int], world_size: int) -> list[list[int]]:

@@ -423,19 +423,10 @@ def _evaluate_accumulate(ev, iou_key: str) -> dict:
     return _C.COCOevalEvaluateAccumulate(p, nested, ev.gt_dataset, ev.dt_dataset, p.imgIds, p.catIds, True)
 
 
-def _ann_to_rle(segm, height: int, width: int):
-    """``LVIS.ann_to_rle``: polygons and uncompressed RLE to compressed RLE, RLE as is."""
-    import pycocotools.mask as mask_utils
-
-    if isinstance(segm, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm["counts"], list):
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
-
-
 def _lvis_fast(gt: dict, dets: list[dict], iou_type: str, results_max_dets: int) -> dict[str, float]:
     from faster_coco_eval import COCO, COCOeval_faster
+
+    from ..data.coco_json import to_rle  # = LVIS.ann_to_rle
 
     segm = iou_type == "segm"
     if results_max_dets >= 0:
@@ -473,7 +464,7 @@ def _lvis_fast(gt: dict, dets: list[dict], iou_type: str, results_max_dets: int)
     sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
     gt_anns = [{"id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
                 "area": a["area"], "iscrowd": 0,  # lvis-api knows no crowd regions
-                **({"_rle": _ann_to_rle(a["segmentation"], *sizes[a["image_id"]])}
+                **({"_rle": to_rle(a["segmentation"], *sizes[a["image_id"]])}
                    if segm and (a["image_id"], a["category_id"]) in dt_pairs else {})}
                for a in gt_anns]
 
