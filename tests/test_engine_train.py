@@ -105,6 +105,13 @@ def test_ema_update_rule():
     ema.update(model)
     assert torch.allclose(ema.module.weight, 0.75 * (start + 0.25) + 0.25 * (start + 2.0))
     assert not ema.module.weight.requires_grad
+    # Integer buffers are copied, not averaged.
+    norm = torch.nn.BatchNorm1d(2)
+    ema = ModelEMA(norm, decay=0.75)
+    norm.train()(torch.randn(4, 2))
+    ema.update(norm)
+    assert int(ema.module.num_batches_tracked) == 1
+    torch.testing.assert_close(ema.module.running_mean, 0.25 * norm.running_mean)
 
 
 # ---- training-loop semantics ---------------------------------------------------------------------

@@ -102,14 +102,21 @@ class ModelEMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple | None = None  # (model, ema floats, live floats, ema others, live others)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for ema, live in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema.is_floating_point():
-                ema.lerp_(live.to(ema.dtype), 1.0 - self.decay)
-            else:
-                ema.copy_(live)
+        # The tensor lists are built once (state_dict() shares the parameters' storage), then
+        # every step is one fused lerp over all floating tensors (as timm's ModelEmaV3).
+        if self._pairs is None or self._pairs[0] is not model:
+            ema, live = self.module.state_dict(), model.state_dict()
+            floats = [k for k, v in ema.items() if v.is_floating_point()]
+            others = [k for k in ema if k not in set(floats)]
+            self._pairs = (model, [ema[k] for k in floats], [live[k] for k in floats], [ema[k] for k in others], [live[k] for k in others])
+        _, ema_f, live_f, ema_o, live_o = self._pairs
+        torch._foreach_lerp_(ema_f, live_f, 1.0 - self.decay)
+        for e, x in zip(ema_o, live_o):
+            e.copy_(x)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
