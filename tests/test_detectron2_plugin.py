@@ -7,6 +7,7 @@ import pytest
 
 pytest.importorskip("detectron2")
 
+import ast
 import json
 import math
 from pathlib import Path
