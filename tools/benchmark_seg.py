@@ -44,7 +44,8 @@ Methods are interleaved chunk by chunk (--batch images) so load changes on a
 shared machine hit all three alike; ``cpu_images_per_s`` uses process CPU time instead of wall
 time (less sensitive to being descheduled). mIoU/mAcc/aAcc: navit_dense.evaluation.seg_metrics
 (= mmseg IoUMetric) against the original labels. Tokens per image: patch tokens the backbone
-ran, mean over images. Peak memory: navit_dense.utils.benchmark.peak_memory on the first chunk
+ran, mean over images. Peak memory (``peak_tensor_mb``, not process RSS as in the sweeps' peak_mem_mb):
+navit_dense.utils.benchmark.peak_memory on the first chunk
 (a, b: one packed forward of --batch images; c: the --batch images one after another), i.e.
 on CPU the peak of live tensor bytes recorded by torch.profiler(profile_memory=True), weights
 excluded; on CUDA max_memory_allocated.
@@ -73,7 +74,7 @@ METHODS = ("native", "square", "mmseg")
 LABELS = {"native": "(a) NaViT packed native", "square": "(b) square-padded", "mmseg": "(c) mmseg inference_model, bs 1"}
 STAGES = ("prepare", "pack", "forward", "postprocess")
 COLUMNS = ("max_res", "method", "images", "images_per_s", "cpu_images_per_s", "seconds", "tokens_per_image",
-           "peak_mem_mb", "mIoU", "mAcc", "aAcc", "agreement_with_mmseg", *(f"{k}_ms_per_image" for k in STAGES))  # fmt: skip
+           "peak_tensor_mb", "mIoU", "mAcc", "aAcc", "agreement_with_mmseg", *(f"{k}_ms_per_image" for k in STAGES))  # fmt: skip
 MEAN = [123.675, 116.28, 103.53]  # RGB, 0..255 (SegDataPreProcessor)
 STD = [58.395, 57.12, 57.375]
 
@@ -314,13 +315,13 @@ def benchmark(model, segmenter, samples, resolutions, batch: int, log=print) -> 
                 "max_res": R, "method": m, "images": len(samples),
                 "images_per_s": round(len(samples) / wall[m], 3), "cpu_images_per_s": round(len(samples) / cpu[m], 3),
                 "seconds": round(wall[m], 3), "tokens_per_image": round(counter.tokens[f"{R}/{m}"] / len(samples), 1),
-                "peak_mem_mb": round(peak / 2**20, 1), "mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"],
+                "peak_tensor_mb": round(peak / 2**20, 1), "mIoU": res["mIoU"], "mAcc": res["mAcc"], "aAcc": res["aAcc"],
                 "agreement_with_mmseg": round(100 * agree[m][0] / max(agree[m][1], 1), 2),
                 **{f"{k}_ms_per_image": round(1000 * clocks[m].seconds.get(k, 0.0) / len(samples), 2) for k in STAGES},
             })  # fmt: skip
             stages = " ".join(f"{k} {rows[-1][f'{k}_ms_per_image']:.1f}" for k in STAGES)
             log(f"R={R:4d} {LABELS[m]:32s} {rows[-1]['images_per_s']:7.2f} img/s  {rows[-1]['tokens_per_image']:7.1f} tok/img  "
-                f"peak {rows[-1]['peak_mem_mb']:7.1f} MiB  mIoU {res['mIoU']:.2f}  ms/img: {stages}")  # fmt: skip
+                f"peak {rows[-1]['peak_tensor_mb']:7.1f} MiB  mIoU {res['mIoU']:.2f}  ms/img: {stages}")  # fmt: skip
     return rows
 
 
@@ -467,7 +468,7 @@ def main(argv=None) -> int:
         "method_notes": {
             "images_per_s": "images / wall seconds, normalization + resize + packing/pipeline + forward + upsample + argmax; methods interleaved per chunk",
             "cpu_images_per_s": "images / process CPU seconds of the same calls",
-            "peak_mem_mb": "navit_dense.utils.benchmark.peak_memory on the first chunk (a, b: one packed forward of --batch images; "
+            "peak_tensor_mb": "navit_dense.utils.benchmark.peak_memory on the first chunk (a, b: one packed forward of --batch images; "
                            "c: those images one by one): CPU = peak live torch tensor bytes (torch.profiler profile_memory), weights excluded",
             "tokens_per_image": "patch tokens the backbone ran per image (mean)",
             "agreement_with_mmseg": "percent of labelled pixels where the method's prediction equals (c)'s",
