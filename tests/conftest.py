@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+import navit_dense.tasks  # noqa: F401  (registers the built-in tasks, as the tools do)
+
 # Tests check correctness, not speed: tiny models run fastest on one intra-op thread, and a
 # second one stalls badly when the 2-core machine is shared (measured 5-60x slower steps).
 torch.set_num_threads(1)
@@ -30,6 +32,19 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def collate_detection(samples, patch_size: int = 16, max_tokens_per_image: int = 256, seq_len: int = 1024, **pack_kwargs):
+    """What the detection task's collate does, without a config: each image's budget scaled by
+    its budget_scale^2 (capped at one sequence), packed, plus the normalized targets."""
+    from navit_dense.data import pack_images
+    from navit_dense.data.detection import detection_targets
+    from navit_dense.data.resize import scale_budgets
+
+    room = seq_len - pack_kwargs.get("num_prefix_tokens", 0)
+    budgets = scale_budgets([max_tokens_per_image] * len(samples), [s.budget_scale for s in samples], room)
+    batch = pack_images([s.image for s in samples], patch_size, max_tokens_per_image, seq_len, max_tokens=budgets, **pack_kwargs)
+    return batch, detection_targets(samples)
 
 
 def skimage_data_dir() -> Path:

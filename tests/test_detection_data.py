@@ -15,15 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
+from conftest import collate_detection
 from navit_dense.data.detection import (
     CategoryMap,
     Compose,
-    DetectionCollate,
     DetectionDataset,
     DetectionSample,
     RandomCrop,
     RandomHorizontalFlip,
-    RepeatFactorSampler,
     ScaleJitter,
     crop,
     hflip,
@@ -156,33 +155,11 @@ def test_repeat_factors_match_hand_computed_values():
     assert r[0] == 1.0 and r[-1] == pytest.approx(math.sqrt(0.001 * 2001))
 
 
-def test_repeat_factor_sampler_stochastic_rounding():
-    factors = np.array([1.0, 2.5, 1.2, 3.0])
-    sampler = RepeatFactorSampler(factors, seed=0)
-    seen = []
-    for epoch in range(400):
-        sampler.set_epoch(epoch)
-        idx = list(sampler)
-        assert len(idx) == len(sampler)
-        counts = np.bincount(idx, minlength=4)
-        assert counts[0] == 1 and counts[3] == 3 and counts[1] in (2, 3) and counts[2] in (1, 2)
-        seen.append(counts)
-    assert np.mean(seen, 0) == pytest.approx(factors, abs=0.08)
-    sampler.set_epoch(7)
-    assert list(sampler) == list(RepeatFactorSampler(factors, seed=0).epoch_indices(7))
-    shards = [list(RepeatFactorSampler(factors, seed=0, num_replicas=3, rank=k)) for k in range(3)]
-    assert len({len(s) for s in shards}) == 1  # equal shard lengths, as DDP needs
-    padded = RepeatFactorSampler(factors, seed=0, num_replicas=3).epoch_indices(0)
-    assert sorted(sum(shards, [])) == sorted(padded.tolist())
-    with pytest.raises(ValueError, match=">= 1"):
-        RepeatFactorSampler([0.5])
-
-
 def test_collate_packs_and_normalizes_targets():
     a = make_sample(48, 96, [(0, 0, 48, 24), (60, 12, 96, 48)])
     b = resize(make_sample(100, 40, [(10, 20, 30, 90)], seed=1), 0.8)
     b.budget_scale = 0.5
-    batch, targets = DetectionCollate(patch_size=8, max_tokens_per_image=40, seq_len=64)([a, b])
+    batch, targets = collate_detection([a, b], patch_size=8, max_tokens_per_image=40, seq_len=64)
     assert batch.num_images == 2
     h, w = batch.grid_sizes.tolist()[1]
     assert h * w <= 10  # 40 * 0.5^2
@@ -279,5 +256,5 @@ def test_dataset_reads_synthetic_lvis(synthetic_lvis):
     assert len(lvis_repeat_factors(ds.image_labels())) == len(ds)
     aug = DetectionDataset(paths["train"], paths["images"], transforms=Compose([RandomHorizontalFlip(), RandomCrop(p=1.0)]))
     torch.manual_seed(0)
-    batch, targets = DetectionCollate(patch_size=16, max_tokens_per_image=64, seq_len=128)([aug[i] for i in range(4)])
+    batch, targets = collate_detection([aug[i] for i in range(4)], patch_size=16, max_tokens_per_image=64, seq_len=128)
     assert batch.num_images == 4 and all(((t["boxes"] > 0) & (t["boxes"] <= 1)).all() for t in targets)

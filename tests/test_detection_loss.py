@@ -18,9 +18,8 @@ from navit_dense.losses.detection import (
     FederatedClassSampler,
     HungarianMatcher,
     focal_class_cost,
-    global_num_boxes,
 )
-from navit_dense.models.owl_head import OwlOutput
+from navit_dense.models.heads.owl import OwlOutput
 
 
 def random_boxes(n: int, g: torch.Generator) -> torch.Tensor:
@@ -34,7 +33,7 @@ def make_output(logits: torch.Tensor, boxes: torch.Tensor, counts: list[int], ob
     offsets = torch.tensor([0] + counts).cumsum(0)
     image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     token_index = torch.cat([torch.arange(c) for c in counts])
-    return OwlOutput(logits, boxes, objectness, torch.zeros(len(logits), 1), image_index, token_index, offsets)
+    return OwlOutput(logits, boxes, objectness, torch.zeros(len(logits), 1), image_index, token_index, offsets, tuple(offsets.tolist()))
 
 
 @given(T=st.integers(1, 5), G=st.integers(0, 5), K=st.integers(1, 3), seed=st.integers(0, 2**16))
@@ -162,8 +161,6 @@ def test_box_losses_normalization_and_empty_images():
     # Total = weighted sum of components.
     w = crit.weights
     assert torch.isclose(a["loss"], sum(w[k] * a[k] for k in w))
-    assert global_num_boxes(targets) == 3.0
-    assert global_num_boxes(targets[1:]) == 1.0  # clamped: never divide by zero
     with pytest.raises(ValueError, match="targets for"):
         crit(out, targets[:1])
 

@@ -20,9 +20,8 @@ from navit_dense.engine.config import load_config, to_object
 from navit_dense.engine.sampler import TokenBudgetSampler
 from navit_dense.engine.task import PackPlan, get_task
 from navit_dense.evaluation.lvis_eval import LVIS_METRICS
-from navit_dense.evaluation.resolution_sweep import COLUMNS, run_resolution_sweep
-from navit_dense.models.owl_head import OwlHead
-from navit_dense.tasks.detection import DetectorOutput, word_embeddings
+from navit_dense.engine.resolution_sweep import COLUMNS, run_resolution_sweep
+from navit_dense.models.heads.owl import DetectorOutput, OwlHead, word_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "detection" / "owl_navit_tiny_synthetic_lvis.yaml"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from navit_dense.data import ResolutionSampler, pack_images
 from navit_dense.engine.sampler import TokenBudgetSampler
-from navit_dense.tasks.classification import ShapesDataset
+from navit_dense.data.synthetic.shapes import ShapesDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "classification" / "toy.yaml"
@@ -84,8 +84,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     overrides = [
         "data.train_size=64",
         "data.val_size=24",
-        "data.min_side=16",
-        "data.max_side=56",
+        "data.image_min_side=16",
+        "data.image_max_side=56",
         "data.max_tokens_per_image=32",
         "data.seq_len=96",
         "data.tokens_per_batch=200",

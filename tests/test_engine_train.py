@@ -24,10 +24,11 @@ from navit_dense.data.decode import BadInputWarning, DataError
 from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import load_config, to_object
 from navit_dense.engine.data import build_loader
-from navit_dense.engine.optim import ModelEMA, lr_factor, param_groups
+from navit_dense.engine.optim import build_ema, lr_factor, param_groups
 from navit_dense.engine.task import get_task, register_task
 from navit_dense.engine.trainer import NonFiniteLossError, train
-from navit_dense.tasks.classification import ClassificationModelConfig, ClassificationTask, ShapesDataset
+from navit_dense.data.synthetic.shapes import ShapesDataset
+from navit_dense.tasks.classification import ClassificationModelConfig, ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs" / "classification" / "toy.yaml"
@@ -35,8 +36,8 @@ TOY = ROOT / "configs" / "classification" / "toy.yaml"
 TINY = [
     "data.train_size=48",
     "data.val_size=16",
-    "data.min_side=16",
-    "data.max_side=48",
+    "data.image_min_side=16",
+    "data.image_max_side=48",
     "data.max_tokens_per_image=24",
     "data.seq_len=96",
     "data.tokens_per_batch=160",
@@ -93,21 +94,23 @@ def test_warmup_cosine_schedule():
 
 
 def test_ema_update_rule():
+    """timm's ModelEmaV3 computes exactly the rule the engine's own EMA did (a lerp)."""
     model = torch.nn.Linear(3, 2)
-    ema = ModelEMA(model, decay=0.75)
+    ema = build_ema(model, decay=0.75)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
-    assert torch.allclose(ema.module.weight, 0.75 * start + 0.25 * (start + 1.0))
+    expected = torch.lerp(start, start + 1.0, 0.25)
+    assert torch.equal(ema.module.weight, expected) and torch.allclose(expected, 0.75 * start + 0.25 * (start + 1.0))
     with torch.no_grad():
         model.weight.add_(1.0)
     ema.update(model)
-    assert torch.allclose(ema.module.weight, 0.75 * (start + 0.25) + 0.25 * (start + 2.0))
+    assert torch.equal(ema.module.weight, torch.lerp(expected, model.weight.detach(), 0.25))
     assert not ema.module.weight.requires_grad
     # Integer buffers are copied, not averaged.
     norm = torch.nn.BatchNorm1d(2)
-    ema = ModelEMA(norm, decay=0.75)
+    ema = build_ema(norm, decay=0.75)
     norm.train()(torch.randn(4, 2))
     ema.update(norm)
     assert int(ema.module.num_batches_tracked) == 1
@@ -118,7 +121,7 @@ def test_ema_update_rule():
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     # Same-size images (32 px -> 4x4 patches = 16 tokens), so 128 tokens hold exactly 8 images and
     # "2 micro-batches of 8" and "1 batch of 16" cover the same images in the same order.
-    same = ["data.min_side=32", "data.max_side=32", "data.max_tokens_per_image=16", "train.steps=3", "data.val_size=0"]
+    same = ["data.image_min_side=32", "data.image_max_side=32", "data.max_tokens_per_image=16", "train.steps=3", "data.val_size=0"]
     train(tiny_cfg(tmp_path / "accum", *same, "data.tokens_per_batch=128", "train.grad_accum=2"))
     train(tiny_cfg(tmp_path / "big", *same, "data.tokens_per_batch=256", "train.grad_accum=1"))
     accum, big = train_records(tmp_path / "accum"), train_records(tmp_path / "big")
@@ -197,7 +200,7 @@ class _SkippingTask(ClassificationTask):
     def build_dataset(self, split):
         d = self.cfg.data
         size = {"train": d.train_size, "val": d.val_size}[split]
-        return _SkippingShapes(size, d.min_side, d.max_side, seed=0, train=split == "train") if size else None
+        return _SkippingShapes(size, d.image_min_side, d.image_max_side, seed=0, train=split == "train") if size else None
 
 
 def test_bad_training_samples_are_dropped_counted_and_summarized_even_in_workers(tmp_path):
@@ -209,7 +212,7 @@ def test_bad_training_samples_are_dropped_counted_and_summarized_even_in_workers
     summary = train(cfg)
     # What the sampler drew for those 4 steps (the run's first epoch covers them).
     c = to_object(cfg)
-    sampler = build_loader(get_task(c.task)(c), _SkippingShapes(c.data.train_size, c.data.min_side, c.data.max_side, seed=0, train=True),
+    sampler = build_loader(get_task(c.task)(c), _SkippingShapes(c.data.train_size, c.data.image_min_side, c.data.image_max_side, seed=0, train=True),
                            c, patch_size=8, num_prefix_tokens=0, train=True, world_size=1, rank=0).batch_sampler  # fmt: skip
     sampler.set_epoch(0)
     assert sampler.steps_in_epoch(0) >= 4

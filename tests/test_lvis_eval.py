@@ -22,7 +22,7 @@ from navit_dense.evaluation.lvis_eval import (
     evaluate_lvis,
     top_k_per_category,
 )
-from navit_dense.evaluation.synthetic_lvis import make_detections, make_lvis_gt, to_coco_format
+from navit_dense.data.synthetic.lvis_random import make_detections, make_lvis_gt, to_coco_format
 
 logging.getLogger("lvis").setLevel(logging.ERROR)  # lvis-api warns on every in-memory result list
 pytestmark = pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")

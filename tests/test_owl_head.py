@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, box_iou
 
+from conftest import collate_detection
 from navit_dense.data import TokenDrop, pack_images
-from navit_dense.data.detection import DetectionCollate, DetectionSample, resize
+from navit_dense.data.detection import DetectionSample, resize
 from navit_dense.losses.detection import DetectionLoss
 from navit_dense.models import build_backbone
-from navit_dense.models.owl_head import OwlHead, OwlOutput, compute_box_bias, postprocess, to_coco_results, token_boxes
+from navit_dense.models.heads.owl import OwlHead, OwlOutput, compute_box_bias, postprocess, to_coco_results, token_boxes
 
 
 def tiny_backbone(patch_size: int = 8, dim: int = 64, **kw):
@@ -114,7 +115,7 @@ def fake_output(boxes_per_image, logits_per_image, objectness=None) -> OwlOutput
     offsets = torch.tensor([0] + counts).cumsum(0)
     image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     token_index = torch.cat([torch.arange(c) for c in counts])
-    return OwlOutput(logits, torch.cat(boxes_per_image), objectness, torch.zeros(len(logits), 1), image_index, token_index, offsets)
+    return OwlOutput(logits, torch.cat(boxes_per_image), objectness, torch.zeros(len(logits), 1), image_index, token_index, offsets, tuple(offsets.tolist()))
 
 
 def test_postprocess_topk_ordering_and_scores():
@@ -147,7 +148,7 @@ def test_box_round_trip_original_to_normalized_to_original(aug_scale):
     sample = DetectionSample(noise_images([(H, W)])[0], gt.clone(), torch.tensor([1, 2]), image_id=7, orig_size=(H, W))
     if aug_scale != 1.0:
         sample = resize(sample, aug_scale)
-    batch, targets = DetectionCollate(patch_size=8, max_tokens_per_image=20, seq_len=32)([sample])
+    batch, targets = collate_detection([sample], patch_size=8, max_tokens_per_image=20, seq_len=32)
     assert tuple(batch.resized_sizes[0].tolist()) != tuple(batch.image_sizes[0].tolist())
     T = int(batch.num_kept[0])
     boxes = torch.full((T, 4), 0.1).index_copy(0, torch.tensor([0, 1]), targets[0]["boxes"])
@@ -216,7 +217,7 @@ def test_tiny_navit_with_owl_head_overfits_three_images():
         _shapes_sample(96, 64, [(10, 50, 50, 90, 2)], 2),
         _shapes_sample(80, 80, [(4, 4, 30, 30, 1), (40, 40, 76, 70, 0)], 3),
     ]
-    batch, targets = DetectionCollate(patch_size=8, max_tokens_per_image=64, seq_len=256)(samples)
+    batch, targets = collate_detection(samples, patch_size=8, max_tokens_per_image=64, seq_len=256)
     torch.manual_seed(0)
     model, head, criterion = tiny_backbone(), OwlHead(64, num_classes=3), DetectionLoss()
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=3e-3, weight_decay=0.0)

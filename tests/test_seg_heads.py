@@ -15,18 +15,10 @@ from hypothesis import strategies as st
 
 from navit_dense.data import pack_images
 from navit_dense.models import build_backbone
-from navit_dense.models.seg_heads import (
-    MaskTransformerDecoder,
-    Segmenter,
-    build_decoder,
-    class_map,
-    decoder_layout,
-    merge_windows,
-    seg_loss_sum,
-    segment_images,
-    slide_windows,
-    upsample,
-)
+from navit_dense.data.packing import grid_layout
+from navit_dense.losses.segmentation import seg_loss_sum
+from navit_dense.models.heads.segmenter import MaskTransformerDecoder, Segmenter, build_decoder, class_map, upsample
+from navit_dense.models.sliding_window import merge_windows, segment_images, slide_windows
 
 P, K, DIM = 8, 5, 32
 
@@ -69,9 +61,9 @@ def test_packed_mixed_sizes_equal_one_image_at_a_time(kind, kernel):
         torch.testing.assert_close(logits, single, atol=2e-5, rtol=0)
 
 
-def test_decoder_layout_keeps_sequences_and_puts_class_slots_first():
+def test_grid_layout_keeps_sequences_and_puts_class_slots_first():
     batch = packer()(images())
-    layout = decoder_layout(batch, K)
+    layout = grid_layout(batch, K)
     layout.validate()
     assert torch.equal(layout.seq_index, batch.seq_index)
     assert layout.num_prefix_tokens == K and torch.equal(layout.grid_sizes, batch.grid_sizes)

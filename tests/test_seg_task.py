@@ -23,8 +23,10 @@ from navit_dense.engine.distributed import init_distributed
 from navit_dense.engine.optim import find_backbone
 from navit_dense.engine.task import LossContext, PackPlan, get_task
 from navit_dense.engine.trainer import evaluate, evaluate_checkpoint, seed_everything, train
-from navit_dense.models.seg_heads import SegOutput
-from navit_dense.tasks.segmentation import SegAugment, SegEvaluator, SegmentationDataConfig, header_size
+from navit_dense.models.heads.segmenter import SegOutput
+from navit_dense.data.seg_dataset import header_size
+from navit_dense.data.seg_transforms import SegAugment
+from navit_dense.evaluation.evaluators import SegEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "segmentation" / "segmenter_linear_tiny_synthetic.yaml"
@@ -100,8 +102,7 @@ def test_bad_training_samples_are_skipped_and_bad_eval_samples_raise(data, tmp_p
 
 
 def test_augmentation_keeps_aspect_ratio_and_label_alignment():
-    d = SegmentationDataConfig(num_classes=8, crop_prob=1.0, min_crop=0.3, flip_prob=0.5, photometric_prob=0.0, cat_max_ratio=0.75)
-    augment = SegAugment(d)
+    augment = SegAugment(crop_prob=1.0, min_crop=0.3, flip_prob=0.5, photometric_prob=0.0, cat_max_ratio=0.75)
     H, W = 90, 150
     label = torch.randint(0, 8, (H, W))
     label[:10, :10] = 255
@@ -120,8 +121,7 @@ def test_augmentation_keeps_aspect_ratio_and_label_alignment():
         assert 0.75 <= out["budget_scale"] <= 1.25
     assert 5 < flips < 35  # both orientations occur
     # Photometric jitter changes the pixels (and nothing else).
-    d2 = replace(d, crop_prob=0.0, flip_prob=0.0, photometric_prob=1.0)
-    out = SegAugment(d2)({"image": torch.rand(3, H, W), "label": label}, np.random.default_rng(0))
+    out = replace(augment, crop_prob=0.0, flip_prob=0.0, photometric_prob=1.0)({"image": torch.rand(3, H, W), "label": label}, np.random.default_rng(0))
     assert torch.equal(out["label"], label) and out["image"].shape == (3, H, W)
 
 

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from conftest import load_tool
 from safetensors.torch import load_file
 
-from navit_dense.models.owl_head import OwlHead
-from navit_dense.tasks.detection import check_query_order
+from navit_dense.models.heads.owl import OwlHead, check_query_order
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

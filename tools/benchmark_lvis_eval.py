@@ -3,7 +3,7 @@
 
     python tools/benchmark_lvis_eval.py --json bench_lvis_eval.json [--images 200 --categories 1000]
 
-Generates a synthetic LVIS-format dataset (navit_dense.evaluation.synthetic_lvis) and a noisy
+Generates a synthetic LVIS-format dataset (navit_dense.data.synthetic.lvis_random) and a noisy
 detection file with more than 300 detections on most images, then times
 ``evaluate_lvis(fast=True)`` (faster-coco-eval core) and ``evaluate_lvis(fast=False)``
 (official lvis API 0.5.3) end to end from in-memory JSON objects (validation included in both),
@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from navit_dense.evaluation.lvis_eval import evaluate_lvis
-from navit_dense.evaluation.synthetic_lvis import make_detections, make_lvis_gt
+from navit_dense.data.synthetic.lvis_random import make_detections, make_lvis_gt
 
 TARGET_SPEEDUP = 5.0
 TARGET_MAX_DIFF = 1e-4

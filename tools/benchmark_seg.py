@@ -9,7 +9,7 @@ One process, one set of weights, the same held-out synthetic images, for each ma
 (a) ``native``: NaViT packed native-resolution inference: every image resized to the largest
     whole-patch grid that fits R x R with its aspect ratio (navit_dense budget_grid), --batch
     images packed into shared sequences (pack_images), one forward of a navit_dense
-    Segmenter with a LinearDecoder (navit_dense.models.seg_heads), logits upsampled to the
+    Segmenter with a LinearDecoder (navit_dense.models.heads.segmenter), logits upsampled to the
     original size.
 (b) ``square``: the same model ViT-style: every image resized (aspect kept) to fit R x R,
     zero-padded to R x R (after normalization), --batch images per forward, (R/16)^2 tokens each;
@@ -139,7 +139,7 @@ def load_model(cfg, checkpoint: str | None):
 
 def native_segmenter(model):
     """Segmenter(model.backbone.net, LinearDecoder) sharing the mmseg model's weights."""
-    from navit_dense.models.seg_heads import LinearDecoder, Segmenter
+    from navit_dense.models.heads.segmenter import LinearDecoder, Segmenter
 
     conv = model.decode_head.conv_seg  # 1x1 conv [K, D, 1, 1]
     decoder = LinearDecoder(conv.in_channels, conv.out_channels)
@@ -189,7 +189,7 @@ def resize_bgr(bgr: np.ndarray, h: int, w: int) -> np.ndarray:
 def run_native(segmenter, bgrs, R: int, clock) -> list[torch.Tensor]:
     from navit_dense.data.packing import pack_images
     from navit_dense.data.resize import budget_grid
-    from navit_dense.models.seg_heads import class_map, upsample
+    from navit_dense.models.heads.segmenter import class_map, upsample
 
     budget = (R // 16) ** 2
     with clock("prepare"):
@@ -207,7 +207,7 @@ def run_native(segmenter, bgrs, R: int, clock) -> list[torch.Tensor]:
 @torch.no_grad()
 def run_square(segmenter, bgrs, R: int, clock) -> list[torch.Tensor]:
     from navit_dense.data.packing import pack_images
-    from navit_dense.models.seg_heads import class_map, upsample
+    from navit_dense.models.heads.segmenter import class_map, upsample
 
     squares, fitted = [], []
     with clock("prepare"):

@@ -27,17 +27,16 @@ from pathlib import Path
 import torch
 from torchvision.ops import nms
 
+import navit_dense.tasks  # noqa: F401  (registers the built-in tasks)
+from navit_dense.data.decode import load_image
+from navit_dense.data.synthetic.lvis_shapes import LvisShapesSpec, generate
+from navit_dense.engine.config import load_config
+from navit_dense.engine.optim import find_backbone
+from navit_dense.engine.task import PackPlan
+from navit_dense.engine.trainer import Trainer
+from navit_dense.models.heads.owl import postprocess
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import make_synthetic_lvis  # noqa: E402
-
-from navit_dense.data.decode import load_image  # noqa: E402
-from navit_dense.engine.config import load_config  # noqa: E402
-from navit_dense.engine.optim import find_backbone  # noqa: E402
-from navit_dense.engine.task import PackPlan  # noqa: E402
-from navit_dense.engine.trainer import Trainer  # noqa: E402
-from navit_dense.models.owl_head import postprocess  # noqa: E402
 
 CONFIG = ROOT / "configs" / "detection" / "owl_navit_tiny_synthetic_lvis.yaml"
 # 30 shape x colour classes, r/c/f about 8/11/11: rare classes have at most 20 of the 1000 train
@@ -57,8 +56,7 @@ def make_data(out: Path) -> tuple[Path, float]:
         return out, 0.0
     if out.exists():
         shutil.rmtree(out)
-    argv = ["--out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in DATA_PARAMS.items()]
-    make_synthetic_lvis.main(argv)
+    generate(LvisShapesSpec(out=out, **DATA_PARAMS))
     stamp.write_text(json.dumps(DATA_PARAMS))
     return out, time.perf_counter() - t0
 

@@ -86,8 +86,9 @@ def select_mode(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
+    import navit_dense.tasks  # noqa: F401  (registers the built-in tasks)
     from navit_dense.engine.config import load_config
-    from navit_dense.evaluation.resolution_sweep import run_resolution_sweep
+    from navit_dense.engine.resolution_sweep import run_resolution_sweep
 
     try:
         max_res = [int(r) for r in args.max_res.split(",") if r.strip()]

@@ -15,7 +15,7 @@ R) into --out (default: <run dir>/seg_sweep_<mode>).
 Method: ``images_per_s`` = images / model forward time (backbone + decoder, synchronized on
 CUDA); upsampling to the original size, argmax and metric updates are excluded, like the
 detection sweep's post-processing; ``eval_seconds`` is the whole pass (decoding, packing,
-forward, metrics). Peak memory: navit_dense.evaluation.resolution_sweep.PeakMemory — on CUDA
+forward, metrics). Peak memory: navit_dense.engine.resolution_sweep.PeakMemory — on CUDA
 ``max_memory_allocated``; on CPU the process's peak resident set size (VmHWM, reset before
 each resolution; ``peak_mem_delta_mb`` subtracts the RSS at the start of the pass).
 
@@ -34,11 +34,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+import navit_dense.tasks  # noqa: F401  (registers the built-in tasks)
 from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import Config, ConfigError, load_config, to_object
 from navit_dense.engine.distributed import init_distributed
 from navit_dense.engine.trainer import load_for_evaluation
-from navit_dense.evaluation.resolution_sweep import PeakMemory, evaluate_at, resolution_config, write_tables
+from navit_dense.engine.resolution_sweep import PeakMemory, evaluate_at, resolution_config, write_tables
 
 METRICS = ("mIoU", "mAcc", "aAcc")
 COLUMNS = ("max_res", "mode", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",

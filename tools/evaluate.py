@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import navit_dense.tasks  # noqa: F401  (registers the built-in tasks)
 from navit_dense.engine.config import ConfigError, load_config, option_help
 from navit_dense.engine.distributed import shutdown
 from navit_dense.engine.task import task_names

@@ -1,5 +1,5 @@
-"""Detection data: samples, LVIS/COCO dataset, aspect-preserving augmentations, repeat-factor
-sampling, and the collate function that packs images for NaViT.
+"""Detection data: samples, the LVIS/COCO dataset, aspect-preserving augmentations, LVIS
+repeat factors (consumed by the engine's token-budget sampler) and the per-image targets.
 
 Coordinates: a sample's boxes are xyxy in the pixel coordinates of its current image; masks
 are COCO polygons (lists of flat [x0, y0, x1, y1, ...]) or RLE dicts in the same frame.
@@ -12,21 +12,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.ops import box_convert
 
 from .coco_json import Category, ImageRecord, InstanceDataset, load_instances, segmentation_to_mask
 from .decode import load_image
-from .packed_batch import PackedBatch
-from .packing import pack_images
-from .resize import scale_budgets
-from .token_drop import TokenDrop
 
 Mask = list | dict  # polygons (list of flat coordinate lists) or an RLE dict
 
@@ -344,45 +340,6 @@ def lvis_repeat_factors(image_labels: Sequence[Iterable[int]], threshold: float 
     return np.array([max((r_cat[c] for c in s), default=1.0) for s in sets], dtype=np.float64)
 
 
-class RepeatFactorSampler(Sampler[int]):
-    """Epoch sampler repeating image i floor(r_i) times plus once more with probability
-    frac(r_i) (stochastic rounding, redrawn every epoch), shuffled; seeded by (seed, epoch).
-    Call ``set_epoch`` each epoch. Under DDP give ``num_replicas`` / ``rank``: the epoch's
-    index list is padded by wrap-around to a multiple of num_replicas and strided."""
-
-    def __init__(self, repeat_factors: Sequence[float], shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        self.repeat_factors = np.asarray(repeat_factors, dtype=np.float64)
-        if (self.repeat_factors < 1).any():
-            raise ValueError("repeat factors must be >= 1")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} out of range for {num_replicas} replicas")
-        self.shuffle, self.seed, self.num_replicas, self.rank = shuffle, seed, num_replicas, rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
-        """All replicas' indices for an epoch (before DDP striding)."""
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
-        whole = np.floor(self.repeat_factors)
-        reps = whole.astype(np.int64) + (rng.random(len(whole)) < self.repeat_factors - whole)
-        indices = np.repeat(np.arange(len(reps)), reps)
-        if self.shuffle:
-            indices = rng.permutation(indices)
-        if self.num_replicas > 1:
-            pad = -len(indices) % self.num_replicas
-            indices = np.concatenate([indices, indices[:pad]])
-        return indices
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.rank :: self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return len(self.epoch_indices()) // self.num_replicas
-
-
-# ---- collate -----------------------------------------------------------------------------
 def detection_targets(samples: Sequence[DetectionSample]) -> list[dict]:
     """Loss / evaluation targets, one dict per sample (= packing input order):
     "labels" long [G]; "boxes" float [G, 4] NORMALIZED (cx, cy, w, h) in [0, 1] of the image
@@ -410,28 +367,19 @@ def detection_targets(samples: Sequence[DetectionSample]) -> list[dict]:
     return targets
 
 
-class DetectionCollate:
-    """list[DetectionSample] -> (PackedBatch, :func:`detection_targets`), standalone (the
-    engine's tasks pack with their PackPlan instead and reuse the two functions above).
+class LvisDetectionDataset(DetectionDataset):
+    """DetectionDataset plus the engine hooks: the annotation file's skip counts for the run
+    summary and, when a threshold is set, LVIS repeat factors for the token-budget sampler.
+    Undecodable images raise DataError (the engine skips them in training only)."""
 
-    Each image gets ``max_tokens_per_image`` * budget_scale^2 tokens (at most one sequence).
-    pack_kwargs go to :func:`pack_images` (max_side, algorithm, num_prefix_tokens, ...).
-    """
+    def __init__(self, *args, repeat_threshold: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.repeat_threshold = repeat_threshold
 
-    def __init__(
-        self, patch_size: int = 16, max_tokens_per_image: int = 256, seq_len: int = 1024, token_drop: TokenDrop | None = None, **pack_kwargs
-    ):
-        self.patch_size, self.max_tokens_per_image, self.seq_len = patch_size, max_tokens_per_image, seq_len
-        self.token_drop = token_drop
-        self.pack_kwargs = pack_kwargs
+    def repeat_factors(self) -> np.ndarray:
+        if self.repeat_threshold <= 0:
+            return np.ones(len(self))
+        return lvis_repeat_factors(self.image_labels(), self.repeat_threshold)
 
-    def __call__(self, samples: Sequence[DetectionSample]) -> tuple[PackedBatch, list[dict]]:
-        room = self.seq_len - self.pack_kwargs.get("num_prefix_tokens", 0)
-        budgets = scale_budgets([self.max_tokens_per_image] * len(samples), [s.budget_scale for s in samples], room)
-        # Token dropping draws from torch's RNG (seeded per DataLoader worker and epoch).
-        seed = int(torch.randint(0, 2**31 - 1, ())) if self.token_drop is not None else 0
-        batch = pack_images(
-            [s.image for s in samples], self.patch_size, self.max_tokens_per_image, self.seq_len,
-            max_tokens=budgets, token_drop=self.token_drop, seed=seed, **self.pack_kwargs,
-        )  # fmt: skip
-        return batch, detection_targets(samples)
+    def skip_summary(self) -> dict:
+        return {"annotations": self.instances.counts}

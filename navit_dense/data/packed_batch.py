@@ -1,7 +1,7 @@
 """The packed batch: the single contract by which images enter the backbone.
 
 Shapes use S = number of packed sequences, L = sequence length, N = number of images,
-P = patch size, C = image channels (3).
+P = patch size, C = image channels (3), T = kept patch tokens over the batch.
 
 Layout rules (relied upon by every attention kernel and by unpacking):
 - each image occupies ONE contiguous run of a sequence: ``num_prefix_tokens`` prefix slots
@@ -10,13 +10,112 @@ Layout rules (relied upon by every attention kernel and by unpacking):
 - padding only appears at the end of a sequence;
 - so the non-padding tokens, read in flattened ``[S * L]`` order, are a concatenation of the
   image runs in ``packing_order``, delimited by ``cu_seqlens`` (the varlen / flash layout).
+
+Everything per image that kernels, unpacking, heads, decoders and losses need is computed
+ONCE, at pack time, on the host: :class:`PackedLayout` holds it as Python ints (it survives
+``.to(device)`` untouched, so no module ever reads sizes back from the device), and the
+``*_slots`` / ``patch_*`` index tensors of :class:`PackedBatch` let modules gather and
+scatter tokens without boolean masks (which would sync the host on every call).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from itertools import accumulate
+from typing import Callable
 
 import torch
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLayout:
+    """Host-side layout of one packed batch (Python ints, input order unless stated)."""
+
+    grids: tuple[tuple[int, int], ...]  # (h_i, w_i) patch grid
+    image_sizes: tuple[tuple[int, int], ...]  # original (H_i, W_i) before resizing
+    num_kept: tuple[int, ...]  # patch tokens kept after token dropping
+    seq_index: tuple[int, ...]  # sequence holding each image
+    seq_offset: tuple[int, ...]  # start of the image's run (prefix slots included) in its sequence
+    packing_order: tuple[int, ...]  # image index of each run, in flattened [S * L] order
+    num_sequences: int
+    seq_len: int
+    patch_size: int
+    num_prefix_tokens: int = 0
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.grids)
+
+    @cached_property
+    def run_lengths(self) -> tuple[int, ...]:
+        """Tokens per image run (prefix slots + kept patches)."""
+        return tuple(n + self.num_prefix_tokens for n in self.num_kept)
+
+    @cached_property
+    def runs(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(image, sequence, start, length) of every image run, in flattened order."""
+        return tuple((i, self.seq_index[i], self.seq_offset[i], self.run_lengths[i]) for i in self.packing_order)
+
+    @cached_property
+    def runs_by_sequence(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per sequence, the (start, length) of its image runs in order."""
+        by_seq: list[list[tuple[int, int]]] = [[] for _ in range(self.num_sequences)]
+        for _, s, start, length in self.runs:
+            by_seq[s].append((start, length))
+        return tuple(tuple(r) for r in by_seq)
+
+    @cached_property
+    def max_run_length(self) -> int:
+        return max(self.run_lengths, default=0)
+
+    @cached_property
+    def num_tokens(self) -> int:
+        """Non-padding tokens (prefix slots included)."""
+        return sum(self.run_lengths)
+
+    @cached_property
+    def areas(self) -> tuple[int, ...]:
+        """h_i * w_i: grid cells per image (kept or not)."""
+        return tuple(h * w for h, w in self.grids)
+
+    @cached_property
+    def cell_offsets(self) -> tuple[int, ...]:
+        """[N + 1]: image i's cells are [cell_offsets[i], cell_offsets[i + 1]) of all grids concatenated."""
+        return (0, *accumulate(self.areas))
+
+    @cached_property
+    def token_offsets(self) -> tuple[int, ...]:
+        """[N + 1]: image i's kept patch tokens are rows [token_offsets[i], token_offsets[i + 1])
+        of the image-major patch stream (``PackedBatch.patch_slots`` order)."""
+        return (0, *accumulate(self.num_kept))
+
+    @cached_property
+    def resized_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(h_i * P, w_i * P): the size each image's patches were cut from."""
+        return tuple((h * self.patch_size, w * self.patch_size) for h, w in self.grids)
+
+    @cached_property
+    def grid_groups(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """Distinct grid sizes -> the images that have them (first-seen order)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(self.grids):
+            groups.setdefault(g, []).append(i)
+        return {g: tuple(v) for g, v in groups.items()}
+
+    @property
+    def pad_fraction(self) -> float:
+        """Fraction of the S * L slots that carry no token."""
+        total = self.num_sequences * self.seq_len
+        return 1.0 - self.num_tokens / total if total else 0.0
+
+    def derived(self, key, build: Callable[[], object]):
+        """A value computed once from this layout and kept with it (e.g. a decoder's own
+        layout), so modules that need more than the fields above never rebuild it per call."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
 
 @dataclass
@@ -36,6 +135,12 @@ class PackedBatch:
     seq_offset: torch.Tensor  # long [N]: start of the image's run (prefix slots included) in that sequence
     packing_order: torch.Tensor  # long [N]: image index of each run, in flattened [S*L] order
     cu_seqlens: torch.Tensor  # int32 [N + 1]: run boundaries over non-padding tokens, in packing_order
+    patch_slots: torch.Tensor  # long [T]: flat [S * L] index of every kept patch token, image-major (input order), row-major within an image
+    patch_image: torch.Tensor  # long [T]: image of each patch_slots entry
+    patch_cells: torch.Tensor  # long [T]: its cell in all grids concatenated (cell_offsets[image] + row * w + col)
+    valid_slots: torch.Tensor  # long [S * L - padding]: flat index of every non-padding token, flattened order
+    prefix_slots: torch.Tensor  # long [N, num_prefix_tokens]: flat index of each image's prefix slots
+    layout: PackedLayout  # host-side ints, computed at pack time (survives .to())
     patch_size: int
     num_prefix_tokens: int = 0
 
@@ -59,8 +164,7 @@ class PackedBatch:
     @property
     def pad_fraction(self) -> float:
         """Fraction of the S * L slots that carry no token."""
-        total = self.padding_mask.numel()
-        return float(self.padding_mask.sum()) / total if total else 0.0
+        return self.layout.pad_fraction
 
     @property
     def run_lengths(self) -> torch.Tensor:
@@ -74,22 +178,20 @@ class PackedBatch:
 
     @property
     def max_run_length(self) -> int:
-        return int(self.run_lengths.max()) if self.num_images else 0
+        return self.layout.max_run_length
 
     def kept_indices(self, i: int) -> torch.Tensor:
         """long [num_kept_i]: flattened grid indices of image i's kept tokens, in packed order."""
-        s, o, n = int(self.seq_index[i]), int(self.seq_offset[i]), int(self.run_lengths[i])
-        return self.token_index[s, o + self.num_prefix_tokens : o + n]
+        lo, hi = self.layout.token_offsets[i], self.layout.token_offsets[i + 1]
+        return self.patch_cells[lo:hi] - self.layout.cell_offsets[i]
 
-    def runs(self) -> list[tuple[int, int, int, int]]:
-        """(image, sequence, start, length) for every image run, in flattened order (cached)."""
-        cached = getattr(self, "_runs_cache", None)
-        if cached is None:
-            order = self.packing_order.tolist()
-            seq, off, length = self.seq_index.tolist(), self.seq_offset.tolist(), self.run_lengths.tolist()
-            cached = [(i, seq[i], off[i], length[i]) for i in order]
-            object.__setattr__(self, "_runs_cache", cached)
-        return cached
+    def runs(self) -> tuple[tuple[int, int, int, int], ...]:
+        """(image, sequence, start, length) for every image run, in flattened order."""
+        return self.layout.runs
+
+    def flat(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[S, L, ...] -> [S * L, ...], the view the ``*_slots`` index tensors address."""
+        return tokens.reshape(-1, *tokens.shape[2:])
 
     def _map_tensors(self, fn) -> "PackedBatch":
         return PackedBatch(**{f.name: (fn(v) if torch.is_tensor(v) else v) for f in fields(self) for v in [getattr(self, f.name)]})
@@ -142,3 +244,35 @@ class PackedBatch:
         cu[1:] = torch.cumsum(self.run_lengths[self.packing_order], 0)
         if not torch.equal(self.cu_seqlens.long().cpu(), cu):
             raise ValueError("PackedBatch.cu_seqlens does not match run lengths in packing_order")
+        self._validate_layout()
+
+    def _validate_layout(self) -> None:
+        """The host layout and the index tensors say what the per-token tensors say."""
+        lay, cpu = self.layout, lambda t: t.detach().cpu()
+        host = {
+            "grids": [list(g) for g in lay.grids], "image_sizes": [list(s) for s in lay.image_sizes],
+            "num_kept": list(lay.num_kept), "seq_index": list(lay.seq_index), "seq_offset": list(lay.seq_offset),
+            "packing_order": list(lay.packing_order),
+        }  # fmt: skip
+        tensors = {"grids": self.grid_sizes, "image_sizes": self.image_sizes, "num_kept": self.num_kept, "seq_index": self.seq_index,
+                   "seq_offset": self.seq_offset, "packing_order": self.packing_order}  # fmt: skip
+        for name, value in host.items():
+            if cpu(tensors[name]).tolist() != value:
+                raise ValueError(f"PackedBatch.layout.{name} does not match the batch's tensors")
+        if (lay.num_sequences, lay.seq_len, lay.patch_size, lay.num_prefix_tokens) != (
+            self.num_sequences, self.seq_len, self.patch_size, self.num_prefix_tokens
+        ):
+            raise ValueError("PackedBatch.layout sizes (sequences, seq_len, patch_size, prefix) do not match the batch")
+        seg, tok = cpu(self.segment_ids).reshape(-1), cpu(self.token_index).reshape(-1)
+        slots = cpu(self.patch_slots)
+        image = torch.repeat_interleave(torch.arange(lay.num_images), torch.tensor(lay.num_kept, dtype=torch.long))
+        if not (torch.equal(seg[slots], image) and torch.equal(cpu(self.patch_image), image)):
+            raise ValueError("PackedBatch.patch_slots / patch_image: not the kept patch tokens, image-major")
+        cells = torch.tensor(lay.cell_offsets[:-1], dtype=torch.long)[image] + tok[slots]
+        if not torch.equal(cpu(self.patch_cells), cells) or bool((tok[slots] < 0).any()):
+            raise ValueError("PackedBatch.patch_cells does not match token_index")
+        if not torch.equal(cpu(self.valid_slots), (seg >= 0).nonzero().squeeze(1)):
+            raise ValueError("PackedBatch.valid_slots is not the non-padding tokens in flattened order")
+        start = torch.tensor(lay.seq_index, dtype=torch.long) * lay.seq_len + torch.tensor(lay.seq_offset, dtype=torch.long)
+        if not torch.equal(cpu(self.prefix_slots), start[:, None] + torch.arange(lay.num_prefix_tokens)):
+            raise ValueError("PackedBatch.prefix_slots does not match seq_index / seq_offset")

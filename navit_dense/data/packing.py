@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from itertools import accumulate
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packed_batch import PackedBatch
+from .packed_batch import PackedBatch, PackedLayout
 from .patchify import patchify
 from .resize import budget_grid, resize_to_grid
 from .token_drop import TokenDrop
@@ -130,14 +131,15 @@ def pack_lengths(
         return []
     natural = list(range(len(lengths)))
     decreasing = sorted(natural, key=lambda i: (-lengths[i], i))
-    if algorithm == "first_fit":
-        return _first_fit(natural, lengths, capacity, max_images_per_seq)
-    if algorithm == "next_fit":
-        return _next_fit(natural, lengths, capacity, max_images_per_seq)
-    if algorithm == "first_fit_decreasing":
-        return _first_fit(decreasing, lengths, capacity, max_images_per_seq)
-    if algorithm == "best_fit_decreasing":
-        return _best_fit(decreasing, lengths, capacity, max_images_per_seq)
+    greedy = {
+        "first_fit": (_first_fit, natural),
+        "next_fit": (_next_fit, natural),
+        "first_fit_decreasing": (_first_fit, decreasing),
+        "best_fit_decreasing": (_best_fit, decreasing),
+    }
+    if algorithm in greedy:
+        fit, order = greedy[algorithm]
+        return fit(order, lengths, capacity, max_images_per_seq)
     if not shrink_multiple:
         return _rebalance(_best_fit(decreasing, lengths, capacity, max_images_per_seq), lengths, capacity, max_images_per_seq)
     return _balanced_search(lengths, capacity, decreasing, max_images_per_seq, shrink_multiple)
@@ -308,6 +310,8 @@ def pack_native(
 
 
 def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like) -> PackedBatch:
+    """Write the packed tensors and the host-side layout of images already resized, patchified
+    and binned. tokens[i]: [num_kept_i, C*P*P]; kept_idx[i]: sorted kept grid indices."""
     S, N = len(bins), len(tokens)
     dim = tokens[0].shape[1]
     # Not torch.zeros: only prefix slots and the tail are zeroed below, the rest is overwritten
@@ -317,9 +321,7 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
     positions = torch.zeros(S, L, 2, dtype=torch.long)
     frac_positions = torch.zeros(S, L, 2, dtype=torch.float32)
     token_index = torch.full((S, L), -1, dtype=torch.long)
-    seq_index = torch.empty(N, dtype=torch.long)
-    seq_offset = torch.empty(N, dtype=torch.long)
-    grid_t = torch.tensor(grids, dtype=torch.long)
+    seq_index, seq_offset = [0] * N, [0] * N
     for s, members in enumerate(bins):
         offset = 0
         for i in members:
@@ -338,10 +340,18 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
             seq_index[i], seq_offset[i] = s, offset
             offset = end
         patches[s, offset:] = 0
-    packing_order = torch.tensor([i for b in bins for i in b], dtype=torch.long)
-    num_kept = torch.tensor([len(k) for k in kept_idx], dtype=torch.long)
-    cu_seqlens = torch.zeros(N + 1, dtype=torch.int32)
-    cu_seqlens[1:] = torch.cumsum(num_kept[packing_order] + num_prefix, 0)
+    layout = PackedLayout(
+        grids=tuple((int(h), int(w)) for h, w in grids),
+        image_sizes=tuple((int(h), int(w)) for h, w in sizes),
+        num_kept=tuple(len(k) for k in kept_idx),
+        seq_index=tuple(seq_index),
+        seq_offset=tuple(seq_offset),
+        packing_order=tuple(i for b in bins for i in b),
+        num_sequences=S,
+        seq_len=L,
+        patch_size=patch_size,
+        num_prefix_tokens=num_prefix,
+    )
     batch = PackedBatch(
         patches=patches,
         segment_ids=segment_ids,
@@ -349,17 +359,71 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
         frac_positions=frac_positions,
         token_index=token_index,
         padding_mask=segment_ids < 0,
-        grid_sizes=grid_t,
-        image_sizes=torch.tensor(sizes, dtype=torch.long),
-        resized_sizes=grid_t * patch_size,
-        num_kept=num_kept,
+        grid_sizes=torch.tensor(layout.grids, dtype=torch.long).view(N, 2),
+        image_sizes=torch.tensor(layout.image_sizes, dtype=torch.long).view(N, 2),
+        resized_sizes=torch.tensor(layout.resized_sizes, dtype=torch.long).view(N, 2),
+        num_kept=torch.tensor(layout.num_kept, dtype=torch.long),
         drop_rates=torch.tensor(rates, dtype=torch.float32),
-        seq_index=seq_index,
-        seq_offset=seq_offset,
-        packing_order=packing_order,
-        cu_seqlens=cu_seqlens,
+        seq_index=torch.tensor(seq_index, dtype=torch.long),
+        seq_offset=torch.tensor(seq_offset, dtype=torch.long),
+        packing_order=torch.tensor(layout.packing_order, dtype=torch.long),
+        cu_seqlens=torch.tensor((0, *accumulate(layout.run_lengths[i] for i in layout.packing_order)), dtype=torch.int32),
+        **_slot_tensors(layout, kept_idx),
+        layout=layout,
         patch_size=patch_size,
         num_prefix_tokens=num_prefix,
     )
     # Pixels stay on the images' device (no host round trip on GPU); the index tensors follow.
     return batch.to(like.device) if like.device.type != "cpu" else batch
+
+
+def _slot_tensors(layout: PackedLayout, kept_idx: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The index tensors of PackedBatch (see its field comments), from the host layout."""
+    L, k = layout.seq_len, layout.num_prefix_tokens
+    run_start = [layout.seq_index[i] * L + layout.seq_offset[i] for i in range(layout.num_images)]
+    kept = [torch.as_tensor(x, dtype=torch.long) for x in kept_idx]
+    arange = torch.arange(max(layout.num_kept, default=0) + k)
+    empty = torch.zeros(0, dtype=torch.long)
+    patch_slots = torch.cat([run_start[i] + k + arange[:n] for i, n in enumerate(layout.num_kept)] or [empty])
+    patch_cells = torch.cat([layout.cell_offsets[i] + kept[i] for i in range(layout.num_images)] or [empty])
+    valid_slots = torch.cat([run_start[i] + arange[:n] for i, _, _, n in layout.runs] or [empty])
+    return dict(
+        patch_slots=patch_slots,
+        patch_image=torch.repeat_interleave(torch.arange(layout.num_images), torch.tensor(layout.num_kept, dtype=torch.long)),
+        patch_cells=patch_cells,
+        valid_slots=valid_slots,
+        prefix_slots=torch.tensor(run_start, dtype=torch.long).view(-1, 1) + arange[:k],
+    )
+
+
+def grid_layout(batch: PackedBatch, num_prefix_tokens: int, pad_multiple: int = 8) -> PackedBatch:
+    """The layout for a module that runs on ALL h_i * w_i cells of every image grid (dropped
+    cells included) with ``num_prefix_tokens`` slots of its own before each image (e.g. the
+    class slots of a mask-transformer decoder), each image in the same sequence as in
+    ``batch``. ``patches`` is an empty [S, L, 0] tensor: only the layout (segment ids, runs,
+    cu_seqlens, slot indices) is meant for the attention kernels and unpacking. Built on the
+    host once per batch and kept with its layout."""
+
+    def build() -> PackedBatch:
+        lay = batch.layout
+        bins: list[list[int]] = [[] for _ in range(lay.num_sequences)]
+        for i, s, _, _ in lay.runs:
+            bins[s].append(i)
+        bins = [b for b in bins if b]
+        longest = max(sum(lay.areas[i] + num_prefix_tokens for i in b) for b in bins)
+        like = torch.empty(0)
+        out = _assemble(
+            tokens=[like.new_empty(n, 0) for n in lay.areas],
+            kept_idx=[torch.arange(n) for n in lay.areas],
+            grids=lay.grids,
+            sizes=lay.image_sizes,
+            rates=[0.0] * lay.num_images,
+            bins=bins,
+            L=-(-longest // pad_multiple) * pad_multiple,
+            patch_size=lay.patch_size,
+            num_prefix=num_prefix_tokens,
+            like=like,
+        )
+        return out.to(batch.device) if batch.device.type != "cpu" else out
+
+    return batch.layout.derived(("grid_layout", num_prefix_tokens, pad_multiple, str(batch.device)), build)

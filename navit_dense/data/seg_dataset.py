@@ -50,7 +50,7 @@ from torch.utils.data import Dataset
 
 from .decode import BadInputLog, DataError, load_image
 
-__all__ = ["ADE20KDataset", "SegDataError", "SegFolderDataset", "load_label_map", "load_seg_meta", "reduce_zero_label"]
+__all__ = ["ADE20KDataset", "SegDataError", "SegFolderDataset", "SegTaskDataset", "header_size", "load_label_map", "load_seg_meta", "reduce_zero_label"]
 
 ADE20K_NUM_CLASSES = 150
 META_FILE = "meta.json"
@@ -285,3 +285,58 @@ class ADE20KDataset(SegFolderDataset):
             reduce_zero_label=reduce_zero_label,
             **kwargs,
         )
+
+
+# ---- the engine's view ---------------------------------------------------------------------
+def header_size(path: str, exif: bool = True) -> tuple[int, int]:
+    """(H, W) of an image file from its header only (no pixel decoding), after the EXIF
+    orientation load_image applies. PNG's getexif() would decode the file to look for a late
+    eXIf chunk, so the base Image.getexif (header info only) is used."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if exif:
+            try:
+                orientation = Image.Image.getexif(im).get(0x0112, 1)  # ExifTags.Base.Orientation
+            except Exception:  # broken EXIF: load_image keeps the stored orientation too
+                orientation = 1
+            if orientation in (5, 6, 7, 8):  # transposing orientations swap the sides
+                w, h = h, w
+    return h, w
+
+
+class SegTaskDataset:
+    """A segmentation dataset as the engine wants it: ``image_size`` from file headers,
+    augmented (train) and normalized samples ``{"image", "label", "index", "train",
+    "budget_scale"}``. Bad inputs raise DataError: the engine skips (and counts) them in
+    training and stops an evaluation, so metrics always cover the whole split."""
+
+    def __init__(self, base: SegFolderDataset, mean: Sequence[float], std: Sequence[float], augment: Callable | None = None):
+        self.base, self.augment, self.train = base, augment, augment is not None
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        if index not in self._sizes:
+            img, ann = self.base.samples[index]
+            try:
+                self._sizes[index] = header_size(img, self.base.exif)
+            except Exception:  # unreadable header: the label map has the same size by contract
+                self._sizes[index] = header_size(ann, exif=False)
+        return self._sizes[index]
+
+    def __getitem__(self, index: int) -> dict | None:
+        item = self.base[index]  # a bad input raises DataError: the engine skips it in training only
+        item = {"image": item["image"], "label": item["label"], "index": index, "train": self.train, "budget_scale": 1.0}
+        if self.augment is not None:  # global RNG: the engine seeds it per (seed, epoch, index)
+            item = self.augment(item, np.random.default_rng(int(torch.randint(0, 2**62, ()))))
+        item["image"] = (item["image"] - self.mean) / self.std
+        return item
+
+    def unnormalized(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image in [0, 1], label) of an item as stored, for visualization."""
+        item = self.base[index]
+        return item["image"], item["label"]

@@ -12,13 +12,19 @@ registered, so nothing in a file can run code.
 from __future__ import annotations
 
 import difflib
+import types
+from dataclasses import MISSING as MISSING_FIELD
 from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from ..data import ResolutionSampler, TokenDrop
+from ..models import NaViTConfig
+from .registry import get_task, task_names
 
 CLI = "command line"
 
@@ -42,42 +48,60 @@ class BackboneInitConfig:
     prefix: str = ""  # where the backbone's keys start in the file; empty = found from the format
 
 
+def config_schema(target: type, name: str, *, optional: bool = False, defaults: dict | None = None, exclude: tuple[str, ...] = (),
+                  bases: tuple[type, ...] = (), extra: list[tuple] = ()) -> type:  # fmt: skip
+    """A structured-config dataclass with the fields of the dataclass ``target`` it configures,
+    so a field added there is settable from YAML without a hand-written mirror. Types become
+    what OmegaConf accepts (``X | None`` -> Optional[X], tuples -> lists). ``optional``: every
+    field defaults to None, meaning "keep the target's own default". ``bases`` contribute
+    leading fields and methods, ``extra`` trailing (name, type, field) entries."""
+    hints = get_type_hints(target)
+    out = []
+    for f in fields(target):
+        if f.name in exclude or not f.init:
+            continue
+        kind = _omegaconf_type(hints[f.name])
+        if optional:
+            out.append((f.name, Optional[kind], field(default=None)))
+        elif f.name in (defaults or {}):
+            out.append((f.name, kind, field(default=defaults[f.name])))
+        elif f.default_factory is not MISSING_FIELD:
+            out.append((f.name, kind, field(default_factory=f.default_factory)))
+        else:
+            value = f.default
+            out.append((f.name, kind, field(default_factory=lambda v=value: list(v)) if isinstance(value, tuple) else field(default=value)))
+    cls = make_dataclass(name, [*out, *extra], bases=bases)
+    cls.__doc__ = f"Configures {target.__module__}.{target.__qualname__} (fields generated from it). " + (bases[0].__doc__ or "" if bases else "")
+    return cls
+
+
+def _omegaconf_type(kind: Any) -> Any:
+    origin, args = get_origin(kind), get_args(kind)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return Optional[_omegaconf_type(rest[0])] if len(rest) == 1 else Any
+    if origin is tuple:
+        return list[_omegaconf_type(args[0])] if args else list
+    if origin is list:
+        return list[_omegaconf_type(args[0])] if args else list
+    return kind
+
+
 @dataclass
-class BackboneConfig:
+class _NamedBackbone:
     """A named NaViT (navit_ti16 | navit_s16 | navit_b16 | navit_l16); fields left at None
     keep the named model's value (see navit_dense.models.NaViTConfig)."""
 
     name: str = "navit_ti16"
-    patch_size: Optional[int] = None
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    qkv_bias: Optional[bool] = None
-    qk_norm: Optional[bool] = None
-    init_values: Optional[float] = None
-    act: Optional[str] = None
-    norm_eps: Optional[float] = None
-    pre_norm: Optional[bool] = None
-    fc_norm: Optional[bool] = None
-    class_token: Optional[bool] = None
-    reg_tokens: Optional[int] = None
-    no_embed_class: Optional[bool] = None
-    pos_embed: Optional[str] = None
-    pos_embed_grid: Optional[int] = None
-    pos_embed_mode: Optional[str] = None
-    pos_embed_antialias: Optional[bool] = None
-    global_pool: Optional[str] = None
-    drop_path_rate: Optional[float] = None
-    attn_kernel: Optional[str] = None
-    out_indices: Optional[list[int]] = None
-    mask_fill: Optional[str] = None
-    init: BackboneInitConfig = field(default_factory=BackboneInitConfig)
 
     def overrides(self) -> dict[str, Any]:
         """build_backbone keyword arguments: every architecture field that is set."""
         skip = {"name", "init"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
+
+
+BackboneConfig = config_schema(NaViTConfig, "BackboneConfig", optional=True, bases=(_NamedBackbone,),
+                               extra=[("init", BackboneInitConfig, field(default_factory=BackboneInitConfig))])  # fmt: skip
 
 
 @dataclass
@@ -86,28 +110,16 @@ class ModelConfig:
 
 
 @dataclass
-class TokenDropConfig:
-    """Patch n' Pack token dropping during training (navit_dense.data.TokenDrop); mode none disables it."""
-
-    mode: str = "none"  # none | constant | beta | resolution
-    rate: float = 0.5
-    alpha: float = 2.0
-    beta: float = 2.0
-    min_rate: float = 0.0
-    max_rate: float = 0.9
-    min_tokens: int = 64
-    max_tokens: int = 1024
-
-
-@dataclass
-class ResolutionConfig:
-    """Per-image token budget sampled each epoch (navit_dense.data.ResolutionSampler); off by default."""
+class _Switch:
+    """Off unless ``enabled``."""
 
     enabled: bool = False
-    min_side: int = 64
-    max_side: int = 512
-    loc: float = -0.5
-    scale: float = 0.5
+
+
+# Patch n' Pack token dropping during training; mode none disables it.
+TokenDropConfig = config_schema(TokenDrop, "TokenDropConfig", defaults={"mode": "none"})
+# Per-image token budget sampled each epoch; its multiple is the model's patch size.
+ResolutionConfig = config_schema(ResolutionSampler, "ResolutionConfig", exclude=("multiple",), bases=(_Switch,))
 
 
 @dataclass
@@ -117,6 +129,7 @@ class DataConfig:
     tokens_per_batch: int = 4096  # GLOBAL tokens per micro-batch, summed over all ranks
     eval_tokens_per_batch: int = 0  # 0: same as tokens_per_batch
     packing: str = "balanced"  # see navit_dense.data.PACKING_ALGORITHMS
+    max_side: Optional[int] = None  # cap on the longer side in pixels when packing (the resolution sweeps set it)
     num_workers: int = 0
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
@@ -165,8 +178,6 @@ class Config:
 
 def schema_for(task_name: str) -> type:
     """The Config dataclass of one task: its own model/data sections replace the generic ones."""
-    from .task import get_task
-
     task = get_task(task_name)
     return make_dataclass(
         "Config",
@@ -252,7 +263,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
     chain.append((CLI, parse_overrides(list(overrides))))
     task = next((d["task"] for _, d in reversed(chain) if "task" in d), None)
     if not task:
-        raise ConfigError(f"no 'task' set in {path or CLI}; registered tasks: {', '.join(_task_names())}")
+        raise ConfigError(f"no 'task' set in {path or CLI}; registered tasks: {', '.join(task_names()) or '(none: import navit_dense.tasks)'}")
     try:
         schema = schema_for(task)
     except KeyError as e:
@@ -274,12 +285,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> DictConfi
         raise ConfigError(f"required config keys not set: {', '.join(missing)}")
     OmegaConf.set_readonly(cfg, True)
     return cfg
-
-
-def _task_names() -> list[str]:
-    from .task import task_names
-
-    return task_names()
 
 
 def to_object(cfg: DictConfig) -> Config:

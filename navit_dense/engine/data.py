@@ -121,6 +121,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         train=train,
         resolution=resolution,
         token_drop=token_drop,
+        max_side=d.max_side,
         # Optional dataset hook (e.g. LVIS repeat factors); only training repeats images.
         repeat_factors=dataset.repeat_factors() if train and hasattr(dataset, "repeat_factors") else None,
     )
@@ -131,6 +132,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         num_prefix_tokens=num_prefix_tokens,
         algorithm=d.packing,
         token_drop=token_drop,
+        max_side=d.max_side,
     )
     return DataLoader(
         _KeyedDataset(dataset, cfg.seed, train),

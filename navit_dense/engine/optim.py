@@ -1,12 +1,19 @@
-"""AdamW with layer-wise lr decay and weight-decay exclusions, warmup + cosine, weight EMA."""
+"""AdamW with layer-wise lr decay and weight-decay exclusions, warmup + cosine, weight EMA
+(timm's ModelEmaV3).
+
+The parameter groups and the schedule stay our own: timm's ``param_groups_layer_decay`` needs
+a ``group_matcher`` on every task model and orders its groups differently (optimizer states in
+existing checkpoints are stored by group index), and timm's CosineLRScheduler warms up from
+``warmup_lr_init`` at step 0 where ours reaches lr * (step + 1) / warmup.
+"""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn as nn
+from timm.utils import ModelEmaV3
 
 from ..models import NaViT
 
@@ -95,31 +102,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, min_ratio))
 
 
-class ModelEMA:
-    """Exponential moving average of a model's weights, kept as a full copy for evaluation:
-    ema = decay * ema + (1 - decay) * weights after every optimizer update."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._pairs: tuple | None = None  # (model, ema floats, live floats, ema others, live others)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        # The tensor lists are built once (state_dict() shares the parameters' storage), then
-        # every step is one fused lerp over all floating tensors (as timm's ModelEmaV3).
-        if self._pairs is None or self._pairs[0] is not model:
-            ema, live = self.module.state_dict(), model.state_dict()
-            floats = [k for k, v in ema.items() if v.is_floating_point()]
-            others = [k for k in ema if k not in set(floats)]
-            self._pairs = (model, [ema[k] for k in floats], [live[k] for k in floats], [ema[k] for k in others], [live[k] for k in others])
-        _, ema_f, live_f, ema_o, live_o = self._pairs
-        torch._foreach_lerp_(ema_f, live_f, 1.0 - self.decay)
-        for e, x in zip(ema_o, live_o):
-            e.copy_(x)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+def build_ema(model: nn.Module, decay: float) -> ModelEmaV3:
+    """timm's ModelEmaV3 of ``model``, frozen for evaluation: after every optimizer update
+    ``ema.update(model)`` lerps every floating tensor of the state dict (one fused foreach op)
+    and copies the others, ema = decay * ema + (1 - decay) * weights. Its weights are
+    ``ema.module`` (checkpoints store ``ema.module.state_dict()``)."""
+    ema = ModelEmaV3(model, decay=decay)
+    ema.module.requires_grad_(False)
+    return ema

@@ -37,8 +37,8 @@ class SampleKey(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _grid_tokens(height: int, width: int, patch_size: int, budget: int) -> int:
-    h, w = budget_grid(height, width, patch_size, budget)
+def _grid_tokens(height: int, width: int, patch_size: int, budget: int, max_side: int | None) -> int:
+    h, w = budget_grid(height, width, patch_size, budget, max_side=max_side)
     return h * w
 
 
@@ -77,6 +77,7 @@ class TokenBudgetSampler:
         resolution: ResolutionSampler | None = None,
         token_drop: TokenDrop | None = None,
         repeat_factors: Sequence[float] | None = None,
+        max_side: int | None = None,
     ):
         if not sizes:
             raise ValueError("the dataset is empty")
@@ -96,6 +97,7 @@ class TokenBudgetSampler:
         self.train = train
         self.resolution = resolution
         self.token_drop = token_drop if train else None
+        self.max_side = max_side  # longer-side cap the collate applies (the cost must see it too)
         self.epoch, self.start_step = 0, 0
         self._plans: dict[int, tuple[list[int], list[int], list[list[list[int]]]]] = {}
 
@@ -115,7 +117,7 @@ class TokenBudgetSampler:
         if epoch not in self._plans:
             budgets = self.budgets(epoch)
             costs = [
-                expected_kept(_grid_tokens(h, w, self.patch_size, b), self.token_drop) + self.num_prefix_tokens
+                expected_kept(_grid_tokens(h, w, self.patch_size, b, self.max_side), self.token_drop) + self.num_prefix_tokens
                 for (h, w), b in zip(self.sizes, budgets)
             ]
             if self.train:

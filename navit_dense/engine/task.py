@@ -19,7 +19,6 @@ A task (classification, detection, segmentation, ...) declares the dataclasses o
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, Sequence
@@ -31,6 +30,9 @@ from ..data import PackedBatch, TokenDrop, pack_images
 from ..models import NaViT, build_backbone
 from ..models.pretrained import load_pretrained
 from .config import DataConfig, ModelConfig
+from .registry import get_task, register_task, task_names
+
+__all__ = ["Evaluator", "LossContext", "PackPlan", "Task", "TaskDataset", "get_task", "register_task", "task_names"]
 
 
 class TaskDataset(Protocol):
@@ -73,7 +75,7 @@ class PackPlan:
     num_prefix_tokens: int
     algorithm: str
     token_drop: TokenDrop | None  # None at evaluation
-    max_side: int | None = None  # cap on the longer side in pixels (a task may set it, e.g. resolution sweeps)
+    max_side: int | None = None  # cap on the longer side in pixels (data.max_side)
 
     def pack(self, images: Sequence[torch.Tensor]) -> PackedBatch:
         return pack_images(
@@ -136,34 +138,3 @@ class Task(ABC):
 
     @abstractmethod
     def build_evaluator(self) -> Evaluator: ...
-
-
-_TASKS: dict[str, type[Task]] = {}
-
-
-def register_task(name: str, cls: type[Task] | None = None):
-    """``register_task("x", XTask)`` or ``@register_task("x")`` on the class."""
-
-    def add(cls: type[Task]) -> type[Task]:
-        if name in _TASKS and _TASKS[name] is not cls:
-            raise ValueError(f"task {name!r} is already registered by {_TASKS[name].__qualname__}")
-        cls.name = name
-        _TASKS[name] = cls
-        return cls
-
-    return add if cls is None else add(cls)
-
-
-def task_names() -> list[str]:
-    from .. import tasks  # noqa: F401  (registers the built-in tasks)
-
-    return sorted(_TASKS)
-
-
-def get_task(name: str) -> type[Task]:
-    names = task_names()
-    if name not in _TASKS:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise KeyError(f"unknown task {name!r}; {hint}registered tasks: {', '.join(names)}")
-    return _TASKS[name]

@@ -34,7 +34,7 @@ from .config import diff_configs, to_object, to_yaml
 from .data import MicroBatch, build_loader, epochs
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, init_distributed
 from .logger import RunLogger
-from .optim import ModelEMA, build_optimizer, build_scheduler, find_backbone
+from .optim import build_ema, build_optimizer, build_scheduler, find_backbone
 from .task import LossContext, Task, get_task
 
 
@@ -154,7 +154,7 @@ class Trainer:
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters)
         self.train_model = self.ddp or self.model
-        self.ema = ModelEMA(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
+        self.ema = build_ema(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
         self.state = TrainState()
         self.skip_reasons: Counter[str] = Counter()  # this process, this run segment (summary)
         if restore_from is not None:
@@ -190,7 +190,7 @@ class Trainer:
         tensors, meta = ckpt.read_checkpoint(path)
         self.model.load_state_dict(tensors["model"])
         if self.ema is not None:
-            self.ema.load_state_dict(tensors.get("ema", tensors["model"]))
+            self.ema.module.load_state_dict(tensors.get("ema", tensors["model"]))
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors.get("optimizer", {}), meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.scaler.is_enabled() and meta["scaler"]:
@@ -206,7 +206,7 @@ class Trainer:
             rng_tensors, rng_rest = ckpt.split_rng(rng)
             tensors = {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng_tensors}
             if self.ema is not None:
-                tensors["ema"] = self.ema.state_dict()
+                tensors["ema"] = self.ema.module.state_dict()
             meta = {
                 "task": self.cfg.task,
                 "world_size": self.env.world_size,

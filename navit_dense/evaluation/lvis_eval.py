@@ -118,27 +118,31 @@ def gt_format(gt: dict) -> str:
                          "(LVIS needs it on every category, COCO on none)")
 
 
+def _unique_ids(entries: list, what: str, positive: bool = False) -> set[int]:
+    """The ids of a ground-truth list, each an integer (> 0 if ``positive``) used once."""
+    ids: set[int] = set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise EvalInputError(f"ground truth {what}[{i}]: not an object")
+        if not _is_int(e.get("id")) or (positive and e["id"] <= 0):
+            raise EvalInputError(f"ground truth {what}[{i}]: 'id' must be a{' positive' if positive else 'n'} integer")
+        if e["id"] in ids:
+            raise EvalInputError(f"ground truth {what}[{i}]: duplicate id {e['id']}")
+        ids.add(e["id"])
+    return ids
+
+
 def validate_gt(gt: dict, fmt: str, iou_type: str) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
             raise EvalInputError(f"ground truth: '{key}' must be a list")
-    cat_ids = set()
+    cat_ids = _unique_ids(gt["categories"], "categories")
     for i, c in enumerate(gt["categories"]):
-        if not isinstance(c, dict) or not _is_int(c.get("id")):
-            raise EvalInputError(f"ground truth categories[{i}]: needs an integer 'id'")
-        if c["id"] in cat_ids:
-            raise EvalInputError(f"ground truth categories[{i}]: duplicate id {c['id']}")
-        cat_ids.add(c["id"])
         if fmt == "lvis" and c["frequency"] not in FREQUENCIES:
             raise EvalInputError(f"ground truth categories[{i}] (id {c['id']}): frequency must be one of "
                                  f"{FREQUENCIES}, got {c['frequency']!r}")
-    img_ids = set()
+    img_ids = _unique_ids(gt["images"], "images")
     for i, im in enumerate(gt["images"]):
-        if not isinstance(im, dict) or not _is_int(im.get("id")):
-            raise EvalInputError(f"ground truth images[{i}]: needs an integer 'id'")
-        if im["id"] in img_ids:
-            raise EvalInputError(f"ground truth images[{i}]: duplicate id {im['id']}")
-        img_ids.add(im["id"])
         for key in ("width", "height"):
             if not _is_int(im.get(key)) or im[key] <= 0:
                 raise EvalInputError(f"ground truth images[{i}] (id {im['id']}): '{key}' must be a positive integer")
@@ -146,16 +150,9 @@ def validate_gt(gt: dict, fmt: str, iou_type: str) -> None:
             for key in ("neg_category_ids", "not_exhaustive_category_ids"):
                 if not isinstance(im.get(key), list):
                     raise EvalInputError(f"ground truth images[{i}] (id {im['id']}): LVIS needs a '{key}' list")
-    ann_ids = set()
+    # Both evaluators store matched annotation ids with 0 meaning "unmatched": ids must be > 0.
+    _unique_ids(gt["annotations"], "annotations", positive=True)
     for i, a in enumerate(gt["annotations"]):
-        if not isinstance(a, dict):
-            raise EvalInputError(f"ground truth annotations[{i}]: not an object")
-        # Both evaluators store matched annotation ids with 0 meaning "unmatched".
-        if not _is_int(a.get("id")) or a["id"] <= 0:
-            raise EvalInputError(f"ground truth annotations[{i}]: 'id' must be a positive integer")
-        if a["id"] in ann_ids:
-            raise EvalInputError(f"ground truth annotations[{i}]: duplicate id {a['id']}")
-        ann_ids.add(a["id"])
         if a.get("image_id") not in img_ids:
             raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): unknown image_id "
                                  f"{a.get('image_id')!r}")

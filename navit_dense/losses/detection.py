@@ -13,17 +13,17 @@ optional:
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from ..models.owl_head import OwlOutput
+from ..models.heads.owl import OwlOutput
 
 
 def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -100,18 +100,21 @@ class FederatedClassSampler:
         return torch.from_numpy(mask)
 
 
-def global_num_boxes(targets: Sequence[dict], device: torch.device | str = "cpu") -> float:
-    """Average number of GT boxes per process (DETR convention): all-reduced under
-    torch.distributed, so every rank normalizes by the same count. Pass as ``num_boxes``."""
-    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return max(float(n), 1.0)
+@dataclass
+class DetectionLossConfig:
+    """Loss weights (the Hungarian matching cost uses the same weights) and focal parameters:
+    the ``model.loss`` section of detection configs."""
+
+    weight_cls: float = 2.0
+    weight_l1: float = 5.0
+    weight_giou: float = 2.0
+    weight_objectness: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
 
 class DetectionLoss(nn.Module):
-    """Hungarian-matched set loss for :class:`~navit_dense.models.owl_head.OwlOutput`.
+    """Hungarian-matched set loss for :class:`~navit_dense.models.heads.owl.OwlOutput`.
 
     Returns {"loss": weighted total, "loss_cls", "loss_l1", "loss_giou", "loss_objectness"}
     (components unweighted), each summed over the batch and divided by ``num_boxes``.
@@ -141,6 +144,10 @@ class DetectionLoss(nn.Module):
         self.federated = federated
         self._calls = 0
 
+    @classmethod
+    def from_config(cls, cfg: DetectionLossConfig, federated: FederatedClassSampler | None = None) -> "DetectionLoss":
+        return cls(None, **asdict(cfg), federated=federated)
+
     def class_masks(
         self, targets: Sequence[dict], num_classes: int, step: int | None = None, device=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,8 +173,8 @@ class DetectionLoss(nn.Module):
         step: int | None = None,
         matches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """num_boxes: normalizer; default the local GT count (use :func:`global_num_boxes`
-        under DDP). step: keys federated sampling (default: an internal call counter).
+        """num_boxes: normalizer; default the local GT count (the engine passes the count of the
+        whole global batch). step: keys federated sampling (default: an internal call counter).
         matches: reuse a precomputed matching."""
         if len(targets) != outputs.num_images:
             raise ValueError(f"{len(targets)} targets for {outputs.num_images} images")
@@ -178,7 +185,7 @@ class DetectionLoss(nn.Module):
         if num_boxes is None:
             num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
 
-        offsets = outputs.offsets.tolist()
+        offsets = outputs.row_offsets
         rows = torch.cat([offsets[i] + r for i, (r, _) in enumerate(matches)]).to(device)
         gt_labels = torch.cat([t["labels"].to(device)[g] for t, (_, g) in zip(targets, matches)])
         gt_boxes = torch.cat([t["boxes"].to(device, outputs.pred_boxes.dtype)[g] for t, (_, g) in zip(targets, matches)])

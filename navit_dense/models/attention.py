@@ -13,6 +13,7 @@ Kernels (all take q, k, v as [S, H, L, Dh] and return [S, L, H, Dh], zeros at pa
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -49,20 +50,13 @@ class AttentionContext:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    kernel = ctx.resolve(q.dtype)
-    if kernel == "segment":
-        return _segment_attention(q, k, v, ctx)
-    if kernel == "dense":
-        return _dense_attention(q, k, v, ctx)
-    if kernel == "flex":
-        return _flex_attention(q, k, v, ctx)
-    return _varlen_attention(q, k, v, ctx)
+    return _KERNEL_FNS[ctx.resolve(q.dtype)](q, k, v, ctx)
 
 
 def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     S, H, L, Dh = q.shape
     pieces = []
-    for s, runs in ctx.cached("runs_by_seq", lambda: _runs_by_sequence(ctx.batch)):
+    for s, runs in enumerate(ctx.batch.layout.runs_by_sequence):
         cursor = 0
         for start, length in runs:
             if start > cursor:
@@ -74,13 +68,6 @@ def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
         if cursor < L:
             pieces.append(q.new_zeros(L - cursor, H, Dh))
     return torch.cat(pieces, 0).view(S, L, H, Dh)
-
-
-def _runs_by_sequence(batch: PackedBatch) -> list[tuple[int, list[tuple[int, int]]]]:
-    by_seq: list[list[tuple[int, int]]] = [[] for _ in range(batch.num_sequences)]
-    for _, s, start, length in batch.runs():
-        by_seq[s].append((start, length))
-    return list(enumerate(by_seq))
 
 
 def dense_block_mask(batch: PackedBatch) -> torch.Tensor:
@@ -100,21 +87,19 @@ def _zero_padding(out: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _importable(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
 def _flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("torch.nn.attention.flex_attention", "flex_attention")
 
 
-@functools.lru_cache(maxsize=None)
 def _varlen_available() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("torch.nn.attention.varlen", "varlen_attn")
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,10 +133,9 @@ def _varlen_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
 
     batch = ctx.batch
     S, H, L, Dh = q.shape
-    valid = ctx.cached("valid_index", lambda: (~batch.padding_mask).reshape(-1).nonzero().squeeze(1))
-    # Once per forward, not once per layer: the cast and the max are host round trips on CUDA.
+    valid = batch.valid_slots
     cu = ctx.cached("cu_seqlens", lambda: batch.cu_seqlens.to(device=q.device, dtype=torch.int32))
-    max_len = ctx.cached("max_run_length", lambda: batch.max_run_length)
+    max_len = batch.layout.max_run_length
 
     def tokens(x):  # [S, H, L, Dh] -> [T, H, Dh]
         return x.transpose(1, 2).reshape(S * L, H, Dh).index_select(0, valid)
@@ -159,3 +143,6 @@ def _varlen_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     out = varlen_attn(tokens(q), tokens(k), tokens(v), cu, cu, max_len, max_len)
     full = q.new_zeros(S * L, H, Dh).index_copy(0, valid, out)
     return full.view(S, L, H, Dh)
+
+
+_KERNEL_FNS = {"segment": _segment_attention, "dense": _dense_attention, "flex": _flex_attention, "varlen": _varlen_attention}

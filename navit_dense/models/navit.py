@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
+from timm.layers import GELUTanh, LayerScale, Mlp, QuickGELU
 
 from ..data.packed_batch import PackedBatch
 from .attention import AttentionContext, packed_attention
@@ -62,39 +63,14 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 
-def _activation(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "quick_gelu":
-        return _QuickGELU()
-    raise ValueError(f"unknown activation {name!r}; choose gelu, gelu_tanh or quick_gelu")
+# timm's activation layers, by the names configs use.
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": GELUTanh, "quick_gelu": QuickGELU}
 
 
-class _QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = _activation(act)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+def _activation(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class Attention(nn.Module):
@@ -127,7 +103,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=_activation(cfg.act))
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path = drop_path
 
@@ -164,14 +140,14 @@ class MAPHead(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=_activation(cfg.act))
         self.include_prefix = cfg.map_include_prefix
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         H, Dh, N = self.num_heads, self.head_dim, batch.num_images
-        valid = ~batch.padding_mask if self.include_prefix else batch.token_index >= 0
-        seg = batch.segment_ids[valid]  # [T]
-        k, v = self.kv(x[valid]).view(-1, 2, H, Dh).unbind(1)  # [T, H, Dh]
+        slots = batch.valid_slots if self.include_prefix else batch.patch_slots
+        seg = batch.flat(batch.segment_ids).index_select(0, slots)  # [T]
+        k, v = self.kv(batch.flat(x).index_select(0, slots)).view(-1, 2, H, Dh).unbind(1)  # [T, H, Dh]
         q = self.q(self.latent).view(H, Dh) * Dh**-0.5
         logits = (k * q).sum(-1)  # [T, H]
         index = seg[:, None].expand(-1, H)
@@ -288,9 +264,8 @@ class NaViT(nn.Module):
         elif pool == "token":
             pooled = unpack_prefix(x, batch)[:, 0]
         else:
-            is_patch = batch.token_index >= 0
-            seg = batch.segment_ids[is_patch]
-            total = x.new_zeros(batch.num_images, x.shape[-1]).index_add(0, seg, x[is_patch])
+            patches = batch.flat(x).index_select(0, batch.patch_slots)
+            total = x.new_zeros(batch.num_images, x.shape[-1]).index_add(0, batch.patch_image, patches)
             pooled = total / batch.num_kept.to(x.device, x.dtype)[:, None]
         pooled = self.fc_norm(pooled)
         return pooled if pre_logits else self.head(pooled)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from ..data.packed_batch import PackedBatch
 
@@ -91,20 +91,21 @@ class Learned2dPosEmbed(nn.Module):
         nn.init.trunc_normal_(self.weight, std=0.02)
 
     def resized(self, h: int, w: int) -> torch.Tensor:
-        """[h * w, D] table for one grid size."""
-        if (h, w) == self.grid:
-            return self.weight.reshape(h * w, -1)
-        table = self.weight.permute(2, 0, 1)[None].float()
-        table = F.interpolate(table, size=(h, w), mode=self.mode, align_corners=False, antialias=self.antialias)
-        return table[0].permute(1, 2, 0).reshape(h * w, -1).to(self.weight.dtype)
+        """[h * w, D] table for one grid size (timm's resample_abs_pos_embed: float32, back to the weight's dtype)."""
+        table = resample_abs_pos_embed(self.weight.reshape(1, -1, self.weight.shape[-1]), [h, w], list(self.grid),
+                                       num_prefix_tokens=0, interpolation=self.mode, antialias=self.antialias)  # fmt: skip
+        return table[0]
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        unique, inverse = torch.unique(batch.grid_sizes, dim=0, return_inverse=True)
-        tables = [self.resized(h, w) for h, w in unique.tolist()]
-        sizes = torch.tensor([t.shape[0] for t in tables], device=batch.device)
-        starts = torch.cumsum(sizes, 0) - sizes
-        image = batch.segment_ids.clamp(min=0)
-        index = starts[inverse.to(batch.device)[image]] + batch.token_index.clamp(min=0)
+        # One resize per distinct grid (known on the host from the layout), then one gather.
+        tables, starts, offset = [], [0] * batch.layout.num_images, 0
+        for (h, w), images in batch.layout.grid_groups.items():
+            tables.append(self.resized(h, w))
+            for i in images:
+                starts[i] = offset
+            offset += h * w
+        start = torch.tensor(starts, dtype=torch.long, device=batch.device)
+        index = start[batch.segment_ids.clamp(min=0)] + batch.token_index.clamp(min=0)
         emb = torch.cat(tables, 0)[index]
         return emb * (batch.token_index >= 0).unsqueeze(-1).to(emb.dtype)
 

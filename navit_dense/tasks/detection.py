@@ -1,5 +1,7 @@
 """Task "detection": an OWL-ViT / OWLv2-style open-vocabulary detector (NaViT + OwlHead) on
-COCO / LVIS-format data, evaluated with the LVIS protocol (AP, APr/APc/APf).
+COCO / LVIS-format data, evaluated with the LVIS protocol (AP, APr/APc/APf). Wiring only: the
+detector is navit_dense.models.heads.owl, the data navit_dense.data.detection, the loss
+navit_dense.losses.detection, the evaluator navit_dense.evaluation.evaluators.
 
 Images are packed at native aspect ratio under the per-image token budget; the head predicts
 boxes relative to each image's extent, so targets are normalized boxes and detections go back
@@ -11,11 +13,9 @@ federated loss (only positives, verified negatives and sampled categories count 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -23,35 +23,25 @@ import torch.nn as nn
 
 from ..data import PackedBatch
 from ..data.coco_json import InstanceDataset, load_instances
-from ..data.resize import scale_budgets
 from ..data.detection import (
     CategoryMap,
     Compose,
-    DetectionDataset,
+    LvisDetectionDataset,
     Normalize,
     RandomCrop,
     RandomHorizontalFlip,
     ScaleJitter,
     detection_targets,
-    lvis_repeat_factors,
 )
+from ..data.resize import scale_budgets
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
-from ..losses.detection import DetectionLoss, FederatedClassSampler, HungarianMatcher
-from ..models.owl_head import OwlHead, OwlOutput, postprocess, to_coco_results
+from ..evaluation.evaluators import LvisEvaluator
+from ..losses.detection import DetectionLoss, DetectionLossConfig, FederatedClassSampler
+from ..models.heads.owl import DetectorOutput, OwlDetector, OwlHead, check_query_order, word_embeddings
 
 
 # ---- config ----------------------------------------------------------------------------------
-@dataclass
-class LossConfig:
-    weight_cls: float = 2.0
-    weight_l1: float = 5.0
-    weight_giou: float = 2.0
-    weight_objectness: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-
-
 @dataclass
 class DetectionModelConfig(ModelConfig):
     query_dim: int = 0  # width of the class-query space; 0: the backbone width
@@ -65,7 +55,7 @@ class DetectionModelConfig(ModelConfig):
     merge_class_token: bool = False  # OWL-ViT: multiply tokens by the class token (needs backbone.class_token)
     prior_prob: float = 0.01
     init_logit_scale: float = 3.0
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: DetectionLossConfig = field(default_factory=DetectionLossConfig)
 
 
 @dataclass
@@ -92,112 +82,6 @@ class DetectionDataConfig(DataConfig):
     nms_iou: float = 0.0
     score_thresh: float = 0.0
     use_objectness: bool = False
-    max_side: Optional[int] = None  # cap on the longer side in pixels when packing (the resolution sweep sets it)
-
-
-# ---- model -----------------------------------------------------------------------------------
-@dataclass
-class DetectorOutput:
-    owl: OwlOutput  # per-token logits / boxes / objectness
-    batch: PackedBatch  # the packed input: image sizes for post-processing
-
-
-class OwlDetector(nn.Module):
-    def __init__(self, backbone: nn.Module, head: OwlHead):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, batch: PackedBatch) -> DetectorOutput:
-        # Packed tokens straight into the head: no per-image feature maps are needed.
-        return DetectorOutput(self.head(self.backbone.forward_features(batch), batch), batch)
-
-
-def word_embeddings(names: list[str], dim: int) -> torch.Tensor:
-    """[K, dim] unit vectors: the normalized sum of one fixed Gaussian vector per word of each
-    name (words split on '_' and spaces; a word's vector is seeded by its SHA-256, so it is the
-    same for every run and vocabulary)."""
-    out = []
-    for name in names:
-        vecs = []
-        for word in name.lower().replace("_", " ").split():
-            seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
-            vecs.append(np.random.default_rng(seed).standard_normal(dim))
-        out.append(np.sum(vecs, axis=0))
-    emb = torch.tensor(np.stack(out), dtype=torch.float32)
-    return emb / emb.norm(dim=-1, keepdim=True)
-
-
-def check_query_order(path: str, category_ids: list[int]) -> None:
-    """A query file that records its ``category_ids`` (tools/make_text_queries.py) must list
-    this dataset's categories in label order (sorted ids); files without them are trusted."""
-    if not str(path).endswith(".safetensors"):
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        if "category_ids" not in f.keys():
-            return
-        ids = f.get_tensor("category_ids").tolist()
-    if ids != list(category_ids):
-        diff = next((i for i, (a, b) in enumerate(zip(ids, category_ids)) if a != b), min(len(ids), len(category_ids)))
-        raise ValueError(f"model.class_embeddings {path}: its category_ids differ from the dataset's at label {diff} "
-                         f"({ids[diff:diff + 3]} vs {list(category_ids)[diff:diff + 3]}): made for another category list")  # fmt: skip
-
-
-# ---- data ------------------------------------------------------------------------------------
-class LvisDetectionDataset(DetectionDataset):
-    """DetectionDataset plus the engine hooks: the annotation file's skip counts for the run
-    summary and, when a threshold is set, LVIS repeat factors for the token-budget sampler.
-    Undecodable images raise DataError (the engine skips them in training only)."""
-
-    def __init__(self, *args, repeat_threshold: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.repeat_threshold = repeat_threshold
-
-    def repeat_factors(self) -> np.ndarray:
-        if self.repeat_threshold <= 0:
-            return np.ones(len(self))
-        return lvis_repeat_factors(self.image_labels(), self.repeat_threshold)
-
-    def skip_summary(self) -> dict:
-        return {"annotations": self.instances.counts}
-
-
-# ---- evaluation ------------------------------------------------------------------------------
-class LvisEvaluator:
-    """Detections of every image as LVIS result records (original pixel coordinates), scored
-    with :func:`evaluate_lvis` (bbox, LVIS standard protocol, at most ``topk`` per image)."""
-
-    def __init__(self, gt: dict, category_ids: list[int], topk: int = 300, nms_iou: float | None = None,
-                 score_thresh: float = 0.0, use_objectness: bool = False):  # fmt: skip
-        self.gt, self.category_ids = gt, category_ids
-        self.topk, self.nms_iou, self.score_thresh, self.use_objectness = topk, nms_iou, score_thresh, use_objectness
-        self.results: list[dict] = []
-        self.image_ids: set[int] = set()
-
-    def process(self, outputs: DetectorOutput, targets: list[dict]) -> None:
-        # Boxes are predicted relative to the packed image's extent: scale by its pre-packing
-        # size divided by the augmentation scale (1 at evaluation) -> original pixels.
-        scale = torch.tensor([t["scale"] for t in targets], dtype=torch.float32)
-        dets = postprocess(outputs.owl, outputs.batch, self.topk, self.nms_iou, self.score_thresh,
-                           use_objectness=self.use_objectness, scale=scale)  # fmt: skip
-        ids = [t["image_id"] for t in targets]
-        self.results += to_coco_results(dets, ids, self.category_ids)
-        self.image_ids.update(ids)
-
-    def state(self) -> tuple[list[dict], list[int]]:
-        return self.results, sorted(self.image_ids)
-
-    def merge(self, states: list[tuple[list[dict], list[int]]]) -> None:
-        for results, ids in states:
-            self.results += results
-            self.image_ids.update(ids)
-
-    def metrics(self) -> dict[str, float]:
-        from ..evaluation.lvis_eval import evaluate_lvis  # imported on use: registering the task stays light
-
-        metrics = evaluate_lvis(self.gt, self.results, "bbox", "standard", max_dets=self.topk)
-        return {**metrics, "images": float(len(self.image_ids)), "detections": float(len(self.results))}
 
 
 # ---- task ------------------------------------------------------------------------------------
@@ -246,7 +130,10 @@ class DetectionTask(Task):
         if head.num_classes != len(cats):
             raise ValueError(f"{m.class_embeddings}: {head.num_classes} class embeddings for {len(cats)} categories")
         if not learned and m.class_embeddings != "words":
-            check_query_order(m.class_embeddings, cats.category_ids)
+            try:
+                check_query_order(m.class_embeddings, cats.category_ids)
+            except ValueError as e:
+                raise ValueError(f"model.class_embeddings {e}") from None
         return OwlDetector(backbone, head)
 
     # ---- data ----
@@ -270,7 +157,7 @@ class DetectionTask(Task):
     def collate(self, samples: list, plan: PackPlan):
         # Budget scale jitter multiplies each image's token budget (capped at one sequence).
         budgets = scale_budgets(plan.max_tokens, [s.budget_scale for s in samples], plan.seq_len - plan.num_prefix_tokens)
-        plan = replace(plan, max_tokens=budgets, max_side=self.cfg.data.max_side)
+        plan = replace(plan, max_tokens=budgets)
         batch = plan.pack([s.image for s in samples])
         targets = detection_targets(samples)  # normalized cxcywh boxes + image_id, scale, LVIS lists
         for t in targets:
@@ -290,9 +177,7 @@ class DetectionTask(Task):
                 if not counts.any():  # COCO-style files carry no image_count: count the train split
                     counts = np.bincount([c for s in self.build_dataset("train").image_labels() for c in s], minlength=len(counts))
                 federated = FederatedClassSampler(counts, d.federated_negatives, seed=self.cfg.seed)
-            matcher = HungarianMatcher(m.weight_cls, m.weight_l1, m.weight_giou, m.focal_alpha, m.focal_gamma)
-            self._loss = DetectionLoss(matcher, m.weight_cls, m.weight_l1, m.weight_giou, m.weight_objectness,
-                                       m.focal_alpha, m.focal_gamma, federated)  # fmt: skip
+            self._loss = DetectionLoss.from_config(m, federated)
         return self._loss
 
     def losses(self, outputs: DetectorOutput, targets: list[dict], ctx: LossContext) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from detectron2.utils.events import get_event_storage
 from ...data.packing import pack_native
 from ...models.navit import NaViT, build_backbone
 from ...models.pyramid import SimpleFeaturePyramid
+from ...models.unpack import maps_to_canvas
 
 
 class NaViTSimpleFPBackbone(Backbone):
@@ -70,7 +71,7 @@ class NaViTSimpleFPBackbone(Backbone):
             raise ValueError(f"patch_size must be a power of two for detectron2, got {P}")
         self.net = net
         self.pyramid = SimpleFeaturePyramid(net.embed_dim, out_channels, in_stride=P, scales=scale_factors)
-        strides = dict(zip(self.pyramid.names, self.pyramid.strides))
+        strides = {name: spec.stride for name, spec in self.pyramid.output_shape().items()}
         self.top_block = LastLevelMaxPool() if top_block is True else (None if top_block in (False, None) else top_block)
         if self.top_block is not None:
             base = strides[self.top_block.in_feature]
@@ -109,22 +110,17 @@ class NaViTSimpleFPBackbone(Backbone):
             )
         P = self.net.patch_size
         batch = pack_native(images, P, self.seq_len, self.net.num_prefix_tokens)
-        sizes = [tuple(s) for s in batch.resized_sizes.tolist()]  # patch-padded (h, w) per image
         maps = self.net(batch.to(images[0].device)).feature_maps  # per image [D, h_i/P, w_i/P]
 
         H, W = padded_size
+        too_big = [(h, w) for h, w in batch.layout.resized_sizes if h > H or w > W]
+        if too_big:
+            raise ValueError(f"an image ({too_big[0][0]}x{too_big[0][1]} after patch padding) does not fit the padded "
+                             f"batch {H}x{W}: pad batches to a multiple of size_divisibility={self.size_divisibility}")  # fmt: skip
         out: dict[str, torch.Tensor] = {}
         for name, per_image in self.pyramid(maps).items():
             s = self._out_feature_strides[name]
-            canvas = per_image[0].new_zeros(len(per_image), per_image[0].shape[0], -(-H // s), -(-W // s))
-            for i, m in enumerate(per_image):
-                if m.shape[1] > canvas.shape[2] or m.shape[2] > canvas.shape[3]:
-                    raise ValueError(
-                        f"image {i} ({sizes[i][0]}x{sizes[i][1]} after patch padding) does not fit the padded "
-                        f"batch {H}x{W}: pad batches to a multiple of size_divisibility={self.size_divisibility}"
-                    )
-                canvas[i, :, : m.shape[1], : m.shape[2]] = m
-            out[name] = canvas
+            out[name] = maps_to_canvas(per_image, -(-H // s), -(-W // s))
         if self.top_block is not None:
             # On the padded map, LastLevelMaxPool (1x1, stride 2) keeps cells 0, 2, 4, ... of each
             # image's map and zeros elsewhere: the same as running it per image.

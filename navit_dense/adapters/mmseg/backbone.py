@@ -39,11 +39,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.models.utils import resize
@@ -52,7 +51,8 @@ from mmseg.registry import MODELS
 from ...data.packing import pack_native
 from ...models.navit import build_backbone
 from ...models.pretrained import load_pretrained
-from ...models.pyramid import _scale_stage
+from ...models.pyramid import SimpleFeaturePyramid
+from ...models.unpack import maps_to_canvas
 
 # Weights a pretrained NaViT (or converted timm ViT) may carry that a dense backbone built with
 # global_pool="none" and mask_fill="zeros" has no place for (pooling, classifier, mask token).
@@ -107,12 +107,11 @@ class NaViTMMSegBackbone(BaseModule):
         # Canvas granularity: one cell of the coarsest level = size_divisor pixels.
         self.size_divisor = int(P / min(scale_factors))
         self.cells_per_block = tuple(int(self.size_divisor * s / P) for s in scale_factors)
-        self.levels = nn.ModuleList()
-        self.out_channels: list[int] = []
-        for s in scale_factors:
-            stage, dim = _scale_stage(s, self.net.embed_dim)
-            self.levels.append(stage)
-            self.out_channels.append(dim)
+        # The same pyramid as the detectron2 plug-in, without projections: UPerHead takes the
+        # stage channels (D/4, D/2, D, D), one backbone block per level.
+        self.pyramid = SimpleFeaturePyramid(self.net.embed_dim, None, in_stride=P, scales=scale_factors)
+        self.out_channels = [spec.channels for spec in self.pyramid.output_shape().values()]
+        self.register_load_state_dict_pre_hook(_rename_levels)
         self.seq_len = seq_len
         self.pretrained = pretrained
 
@@ -139,19 +138,22 @@ class NaViTMMSegBackbone(BaseModule):
             padded_size = (max(im.shape[-2] for im in images), max(im.shape[-1] for im in images))
         P = self.patch_size
         batch = pack_native(images, P, self.seq_len, self.net.num_prefix_tokens)
-        sizes = [tuple(s) for s in batch.resized_sizes.tolist()]  # patch-padded (h, w) per image
+        sizes = batch.layout.resized_sizes  # patch-padded (h, w) per image
         maps = self.net(batch.to(images[0].device)).intermediates  # layer -> per image [D, h_i/P, w_i/P]
 
         Hc, Wc = self.canvas_size(*padded_size)
         if any(h > Hc or w > Wc for h, w in sizes):
             raise ValueError(f"an image ({sizes}) is larger than the padded batch {tuple(padded_size)}")
         d = self.size_divisor
-        out = []
-        for layer, stage, cells in zip(self.layers, self.levels, self.cells_per_block):
-            H, W = Hc // d * cells, Wc // d * cells
-            per_image = [stage(m[None])[0] for m in maps[layer]]  # each image on its own grid
-            out.append(torch.stack([F.pad(m, (0, W - m.shape[-1], 0, H - m.shape[-2])) for m in per_image]))
-        return tuple(out)
+        levels = self.pyramid([maps[layer] for layer in self.layers]).values()  # each image on its own grid
+        return tuple(maps_to_canvas(per_image, Hc // d * cells, Wc // d * cells) for per_image, cells in zip(levels, self.cells_per_block))
+
+
+def _rename_levels(module, state_dict, prefix, *args) -> None:
+    """Checkpoints saved before the shared pyramid named its stages ``levels.k``."""
+    old = prefix + "levels."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "pyramid.stages." + key[len(old):]] = state_dict.pop(key)
 
 
 @MODELS.register_module()

@@ -12,6 +12,7 @@ Dq = query-space width, N = images.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
 
-from ..data.packed_batch import PackedBatch
-from .navit import NaViTOutput
-from .unpack import unpack_prefix
+from ...data.packed_batch import PackedBatch
+from ..navit import NaViTOutput
+from ..unpack import unpack_prefix
 
 _BIAS_EPS = 1e-4  # OWLv2 compute_box_bias: keeps the inverse sigmoid finite at 0 and 1
 
@@ -69,15 +70,19 @@ class OwlOutput:
     image_index: torch.Tensor  # long [T]: input index of the image owning each row
     token_index: torch.Tensor  # long [T]: row * w_i + col in that image's patch grid
     offsets: torch.Tensor  # long [N + 1]: image i owns rows offsets[i]:offsets[i + 1]
+    row_offsets: tuple[int, ...]  # the same offsets on the host (from the batch's layout)
 
     @property
     def num_images(self) -> int:
-        return int(self.offsets.numel()) - 1
+        return len(self.row_offsets) - 1
+
+    @property
+    def rows_per_image(self) -> list[int]:
+        return [b - a for a, b in zip(self.row_offsets[:-1], self.row_offsets[1:])]
 
     def split(self, name: str) -> list[torch.Tensor]:
         """Per-image list of one field, e.g. ``out.split("pred_boxes")[i]`` is [T_i, 4]."""
-        value = getattr(self, name)
-        return list(value.split(self.offsets.diff().tolist()))
+        return list(getattr(self, name).split(self.rows_per_image))
 
 
 class OwlHead(nn.Module):
@@ -221,13 +226,11 @@ class OwlHead(nn.Module):
                 "load_class_embeddings, or pass class_embeddings="
             )
 
-        is_patch = batch.token_index >= 0
-        seg, tok = batch.segment_ids[is_patch], batch.token_index[is_patch]
-        x = tokens[is_patch]  # [T, D] in packed (packing_order) order
-        # Regroup rows by input image, row-major inside each image: per-image results become slices.
-        cells = int((batch.grid_sizes[:, 0] * batch.grid_sizes[:, 1]).max())
-        order = torch.argsort(seg * cells + tok)
-        x, seg, tok = x[order], seg[order], tok[order]
+        # Rows grouped by input image, row-major inside each image (the layout's patch order):
+        # per-image results become slices, and no boolean mask syncs the host.
+        x = batch.flat(tokens).index_select(0, batch.patch_slots)  # [T, D]
+        seg = batch.patch_image
+        tok = batch.flat(batch.token_index).index_select(0, batch.patch_slots)
         if self.merge_class_token:
             if batch.num_prefix_tokens < 1:
                 raise ValueError("merge_class_token=True needs a backbone with a class token (num_prefix_tokens >= 1)")
@@ -245,9 +248,57 @@ class OwlHead(nn.Module):
         if self.objectness_head is not None:
             objectness = self.objectness_head(x.detach() if self.detach_objectness else x).squeeze(-1)
 
-        offsets = torch.zeros(batch.num_images + 1, dtype=torch.long, device=x.device)
-        offsets[1:] = batch.num_kept.to(x.device).cumsum(0)
-        return OwlOutput(logits, pred_boxes, objectness, embeds, seg, tok, offsets)
+        offsets = torch.tensor(batch.layout.token_offsets, dtype=torch.long, device=x.device)
+        return OwlOutput(logits, pred_boxes, objectness, embeds, seg, tok, offsets, batch.layout.token_offsets)
+
+
+# ---- the detector and its class queries --------------------------------------------------
+@dataclass
+class DetectorOutput:
+    owl: OwlOutput  # per-token logits / boxes / objectness
+    batch: PackedBatch  # the packed input: image sizes for post-processing
+
+
+class OwlDetector(nn.Module):
+    def __init__(self, backbone: nn.Module, head: OwlHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, batch: PackedBatch) -> DetectorOutput:
+        # Packed tokens straight into the head: no per-image feature maps are needed.
+        return DetectorOutput(self.head(self.backbone.forward_features(batch), batch), batch)
+
+
+def word_embeddings(names: list[str], dim: int) -> torch.Tensor:
+    """[K, dim] unit vectors: the normalized sum of one fixed Gaussian vector per word of each
+    name (words split on '_' and spaces; a word's vector is seeded by its SHA-256, so it is the
+    same for every run and vocabulary)."""
+    out = []
+    for name in names:
+        vecs = []
+        for word in name.lower().replace("_", " ").split():
+            seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+            vecs.append(np.random.default_rng(seed).standard_normal(dim))
+        out.append(np.sum(vecs, axis=0))
+    emb = torch.tensor(np.stack(out), dtype=torch.float32)
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def check_query_order(path: str, category_ids: list[int]) -> None:
+    """A query file that records its ``category_ids`` (tools/make_text_queries.py) must list
+    this dataset's categories in label order (sorted ids); files without them are trusted."""
+    if not str(path).endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if "category_ids" not in f.keys():
+            return
+        ids = f.get_tensor("category_ids").tolist()
+    if ids != list(category_ids):
+        diff = next((i for i, (a, b) in enumerate(zip(ids, category_ids)) if a != b), min(len(ids), len(category_ids)))
+        raise ValueError(f"{path}: its category_ids differ from the dataset's at label {diff} "
+                         f"({ids[diff:diff + 3]} vs {list(category_ids)[diff:diff + 3]}): made for another category list")  # fmt: skip
 
 
 # ---- post-processing ---------------------------------------------------------------------

@@ -13,7 +13,8 @@ Usage (the CLI mode is ``tools/eval_lvis.py --config FILE --checkpoint CKPT --ma
 
     # from Python
     from navit_dense.engine.config import load_config
-    from navit_dense.evaluation.resolution_sweep import run_resolution_sweep
+    import navit_dense.tasks  # registers the built-in tasks
+    from navit_dense.engine.resolution_sweep import run_resolution_sweep
     cfg = load_config("configs/detection/owl_navit_tiny_synthetic_lvis.yaml")
     rows = run_resolution_sweep(cfg, "runs/demo/owl_tiny/checkpoints/last", [128, 192, 256], "runs/demo/sweep")
 
@@ -44,11 +45,11 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
-from ..engine import checkpoint as ckpt
-from ..engine.config import Config, load_config, to_object
-from ..engine.data import build_loader
-from ..engine.distributed import init_distributed
-from ..engine.trainer import autocast, load_for_evaluation, to_device
+from . import checkpoint as ckpt
+from .config import Config, load_config, to_object
+from .data import build_loader
+from .distributed import init_distributed
+from .trainer import autocast, load_for_evaluation, to_device
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 COLUMNS = ("max_res", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
@@ -106,8 +107,6 @@ def resolution_config(c: Config, max_res: int, patch_size: int, num_prefix_token
     """The config evaluating at max resolution ``max_res``: budget (max_res / P)^2, longer side
     <= max_res, sequences (and eval micro-batches) large enough for one such image; plus any
     task-specific data fields (e.g. the segmentation eval mode)."""
-    if not hasattr(c.data, "max_side"):
-        raise ValueError(f"task {c.task!r} has no data.max_side: the resolution sweep needs it")
     if max_res < patch_size:
         raise ValueError(f"max resolution {max_res} is smaller than one {patch_size}-pixel patch")
     budget = (max_res // patch_size) ** 2

@@ -1,5 +1,6 @@
 """Segmenter decoders (Strudel et al. 2021, arXiv 2105.05633) on NaViT's per-image token
-grids, the per-image segmentation loss, and whole / sliding-window inference.
+grids, and the logits -> pixels step (upsampling, class ids). The loss is in
+navit_dense.losses.segmentation, sliding-window inference in navit_dense.models.sliding_window.
 
 Every image keeps its own patch grid (h_i, w_i) end to end: a decoder returns one logit map
 [K, h_i, w_i] per packed image, and logits are upsampled (bilinear, align_corners=False) from
@@ -18,30 +19,23 @@ Sizes: the loss upsamples logits to the size the image was PACKED at (``batch.re
 h_i * P x w_i * P) with the label resized to that size by nearest neighbour (as mmseg's
 training pipeline resizes labels to the training scale). Evaluation upsamples to the image's
 ORIGINAL size and compares with the untouched label (mmseg's protocol).
-
-Sliding window (mmseg's "slide" mode, at the image's native pixels): windows of ``window``
-pixels per side every ``stride`` pixels, the last one flush with the border (mmseg's grid);
-each window is packed exactly as a whole image would be (windows of all images in one packed
-batch), its logits are upsampled to the window's pixel size, and overlapping logits are
-averaged. An image no bigger than one window gets a single window: the whole image, packed
-as in whole inference, hence identical results.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..data.packed_batch import PackedBatch
-from ..data.packing import _assemble
-from .attention import AttentionContext
-from .navit import Block, NaViTConfig, NaViTOutput
-from .unpack import unpack_prefix, unpack_to_maps
+from ...data.packed_batch import PackedBatch
+from ...data.packing import grid_layout
+from ..attention import AttentionContext
+from ..navit import Block, NaViTConfig, NaViTOutput
+from ..unpack import unpack_prefix, unpack_to_maps
 
 DECODERS = ("linear", "mask_transformer")
 
@@ -75,34 +69,6 @@ class LinearDecoder(nn.Module):
         # All images' tokens in one matmul; the split restores each image's own grid.
         logits = self.head(self.norm(_flatten_maps(maps)))
         return _split_maps(logits, [tuple(m.shape[1:]) for m in maps])
-
-
-def decoder_layout(batch: PackedBatch, num_slots: int, pad_multiple: int = 8) -> PackedBatch:
-    """The packed layout the mask transformer runs on: image i's run is ``num_slots`` class
-    slots (in the PackedBatch "prefix" position) followed by ALL h_i * w_i cells of its grid
-    (dropped cells included: the backbone filled them with its mask token), each image in the
-    same sequence as in ``batch``. ``patches`` is an empty [S, L, 0] tensor: only the layout
-    (segment ids, runs, cu_seqlens, ...) is needed by the attention kernels and unpacking."""
-    grids = [tuple(g) for g in batch.grid_sizes.tolist()]
-    areas = [h * w for h, w in grids]
-    bins: list[list[int]] = [[] for _ in range(batch.num_sequences)]
-    for i, s, _, _ in batch.runs():
-        bins[s].append(i)
-    longest = max(sum(areas[i] + num_slots for i in b) for b in bins if b)
-    L = -(-longest // pad_multiple) * pad_multiple
-    like = batch.patches.new_empty(0)
-    return _assemble(
-        tokens=[like.new_empty(n, 0) for n in areas],
-        kept_idx=[torch.arange(n) for n in areas],
-        grids=grids,
-        sizes=[tuple(s) for s in batch.image_sizes.tolist()],
-        rates=[0.0] * len(grids),
-        bins=[b for b in bins if b],
-        L=L,
-        patch_size=batch.patch_size,
-        num_prefix=num_slots,
-        like=like,
-    )
 
 
 class MaskTransformerDecoder(nn.Module):
@@ -142,19 +108,14 @@ class MaskTransformerDecoder(nn.Module):
 
     def forward(self, features: NaViTOutput) -> list[torch.Tensor]:
         maps, K = features.feature_maps, self.num_classes
-        layout = decoder_layout(features.batch, K)
-        tokens = self.proj_dec(_flatten_maps(maps))  # [sum h*w, dim]
-        # Scatter into the decoder layout: grid cell t of image i <- tokens[start_i + t];
-        # class slot j of every image <- cls_emb[j]; padding stays 0.
-        areas = (layout.grid_sizes[:, 0] * layout.grid_sizes[:, 1]).to(tokens.device)
-        starts = areas.cumsum(0) - areas
-        seg = layout.segment_ids.clamp(min=0)
-        is_patch = layout.token_index >= 0
-        is_cls = layout.prefix_mask
-        slot = torch.arange(layout.seq_len, device=tokens.device)[None] - layout.seq_offset[seg]
-        x = tokens.new_zeros(layout.num_sequences, layout.seq_len, tokens.shape[-1])
-        x[is_patch] = tokens[starts[seg[is_patch]] + layout.token_index[is_patch]]
-        x[is_cls] = self.cls_emb.to(x.dtype)[slot[is_cls]]
+        # Its own packed layout (K class slots + every grid cell per image), built once per batch.
+        layout = grid_layout(features.batch, K)
+        tokens = self.proj_dec(_flatten_maps(maps))  # [sum h*w, dim], image-major row-major: the layout's patch order
+        N = layout.num_images
+        x = tokens.new_zeros(layout.num_sequences * layout.seq_len, tokens.shape[-1])
+        x = x.index_copy(0, layout.patch_slots, tokens)
+        x = x.index_copy(0, layout.prefix_slots.reshape(-1), self.cls_emb.to(x.dtype).repeat(N, 1))
+        x = x.view(layout.num_sequences, layout.seq_len, -1)
         ctx = AttentionContext(layout, self.attn_kernel)
         for block in self.blocks:
             x = block(x, ctx)
@@ -214,84 +175,3 @@ def class_map(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(0).indices
 
 
-def resize_label(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """int [H, W] label -> [h, w] by nearest neighbour (exact for ids < 2^24)."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(label.shape) == size:
-        return label
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].to(label.dtype)
-
-
-def seg_loss_sum(logits: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], ignore_index: int = 255) -> torch.Tensor:
-    """Sum over images of the pixel cross-entropy of image i's logits, upsampled to its label's
-    size, against its label; ``ignore_index`` pixels count nothing. Divide by the global number
-    of valid pixels to get the mean (see the segmentation task)."""
-    total = logits[0].new_zeros((), dtype=torch.float32)
-    for lg, y in zip(logits, labels):
-        up = upsample(lg.float(), y.shape)  # float32 before interpolating: bf16 logits under autocast
-        total = total + F.cross_entropy(up[None], y[None].long(), ignore_index=ignore_index, reduction="sum")
-    return total
-
-
-# ---- sliding window --------------------------------------------------------------------------
-def slide_windows(height: int, width: int, window: int | tuple[int, int], stride: int | tuple[int, int]) -> list[tuple[int, int, int, int]]:
-    """(y0, x0, y1, x1) windows, mmseg's grid: starts every ``stride`` pixels, the last window
-    moved back to end at the border, windows clipped to the image (one window per axis where
-    the image is smaller than the window)."""
-    wh, ww = (window, window) if isinstance(window, int) else window
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    if min(wh, ww, sh, sw) < 1:
-        raise ValueError(f"window {window} and stride {stride} must be positive")
-    rows = max(height - wh + sh - 1, 0) // sh + 1
-    cols = max(width - ww + sw - 1, 0) // sw + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y1, x1 = min(r * sh + wh, height), min(c * sw + ww, width)
-            boxes.append((max(y1 - wh, 0), max(x1 - ww, 0), y1, x1))
-    return boxes
-
-
-def merge_windows(logits: Sequence[torch.Tensor], boxes: Sequence[tuple[int, int, int, int]], size: Sequence[int]) -> torch.Tensor:
-    """Average window logits ([K, h, w] each, covering its box) into one [K, H, W] map."""
-    K = logits[0].shape[0]
-    total = logits[0].new_zeros(K, int(size[0]), int(size[1]), dtype=torch.float32)
-    count = total.new_zeros(1, int(size[0]), int(size[1]))
-    for lg, (y0, x0, y1, x1) in zip(logits, boxes):
-        total[:, y0:y1, x0:x1] += upsample(lg.float(), (y1 - y0, x1 - x0))
-        count[:, y0:y1, x0:x1] += 1
-    if bool((count == 0).any()):
-        raise ValueError("the windows do not cover the image")
-    return total / count
-
-
-def crop_windows(image: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]]) -> list[torch.Tensor]:
-    return [image[..., y0:y1, x0:x1] for y0, x0, y1, x1 in boxes]
-
-
-@torch.no_grad()
-def segment_images(
-    model: nn.Module,
-    images: Sequence[torch.Tensor],
-    pack: Callable[[list[torch.Tensor]], PackedBatch],
-    mode: str = "whole",
-    window: int | None = None,
-    stride: int | None = None,
-) -> list[torch.Tensor]:
-    """Per image [K, H, W] logits at the image's own size, from ONE packed forward pass.
-
-    pack: images -> PackedBatch (e.g. ``functools.partial(pack_images, patch_size=16,
-    max_tokens_per_image=1024, seq_len=2048)``); in slide mode it receives the windows of
-    every image. mode "whole": each image packed whole at its budget; "slide": windows of
-    ``window`` pixels every ``stride`` pixels (see the module docstring)."""
-    if mode == "whole":
-        out = model(pack(list(images)))
-        return [upsample(lg.float(), im.shape[-2:]) for lg, im in zip(out.logits, images)]
-    if mode != "slide":
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-    if window is None or stride is None:
-        raise ValueError("slide mode needs window and stride (pixels)")
-    boxes = [slide_windows(im.shape[-2], im.shape[-1], window, stride) for im in images]
-    out = model(pack([crop for im, b in zip(images, boxes) for crop in crop_windows(im, b)]))
-    logits = iter(out.logits)
-    return [merge_windows([next(logits) for _ in b], b, im.shape[-2:]) for im, b in zip(images, boxes)]
