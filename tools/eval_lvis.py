@@ -49,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--gt", help="ground-truth JSON (LVIS or COCO format)")
     files.add_argument("--dets", help="detections JSON: a list of {image_id, category_id, score, bbox, [segmentation]}")
 
-    sweep = parser.add_argument_group("sweep mode: evaluate a checkpoint at several max resolutions")
+    sweep = parser.add_argument_group("sweep mode: evaluate a detector at several max resolutions")
     sweep.add_argument("--config", help="the run's config YAML (as given to tools/train.py)")
-    sweep.add_argument("--checkpoint", help="checkpoint directory (or a run's checkpoints/last)")
+    sweep.add_argument("--checkpoint", help="checkpoint directory (or a run's checkpoints/last); omit it to evaluate "
+                                            "the weights the config names (e.g. model.hf_owl, zero-shot)")
     sweep.add_argument("--max-res", default="256,384,512,768", help="comma-separated max image sides in pixels")
+    sweep.add_argument("--layouts", default=None, help="comma-separated: native (packed at each image's aspect), square "
+                                                       "(padded to a square first, as HF's Owlv2Processor); default: the config's data.square_pad")
     sweep.add_argument("--out", default=None, help="output folder (default: <run dir>/resolution_sweep)")
     sweep.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.val_json=...")
 
@@ -73,16 +76,16 @@ def select_mode(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if not (args.gt and args.dets):
             parser.error("file mode needs both --gt and --dets")
         return run_files
-    if args.config or args.checkpoint:
-        if not (args.config and args.checkpoint):
-            parser.error("sweep mode needs both --config and --checkpoint")
+    if args.config or args.checkpoint or args.layouts:
+        if not args.config:
+            parser.error("sweep mode needs --config (and --checkpoint unless the config names its weights)")
         # The sweep evaluates boxes with the task's evaluator (LVIS standard protocol, fast path).
         ignored = [f"--{k.replace('_', '-')}" for k in ("iou_type", "protocol", "max_dets", "dets_per_cat", "reference")
                    if getattr(args, k) != parser.get_default(k)]  # fmt: skip
         if ignored:
             parser.error(f"{', '.join(ignored)} apply to file mode only; the sweep uses the detection task's evaluator")
         return run_sweep
-    parser.error("nothing to evaluate: give --gt and --dets, or --config and --checkpoint")
+    parser.error("nothing to evaluate: give --gt and --dets, or --config [--checkpoint]")
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
@@ -95,10 +98,17 @@ def run_sweep(args: argparse.Namespace) -> dict:
     except ValueError:
         raise EvalInputError(f"--max-res: expected comma-separated integers, got {args.max_res!r}") from None
     from navit_dense.engine import checkpoint as ckpt
+    from navit_dense.engine.config import to_object
 
-    # Next to the resolved checkpoint's run (--checkpoint may also name the run directory).
-    out = Path(args.out) if args.out else ckpt.resolve(args.checkpoint).parent.parent / "resolution_sweep"
-    rows = run_resolution_sweep(load_config(args.config, args.overrides), args.checkpoint, max_res, out)
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()] if args.layouts else None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        # Next to the resolved checkpoint's run (--checkpoint may also name the run directory), else the config's output_dir.
+        default = ckpt.resolve(args.checkpoint).parent.parent if args.checkpoint else Path(to_object(cfg).output_dir)
+        out = Path(args.out) if args.out else default / "resolution_sweep"
+        rows = run_resolution_sweep(cfg, args.checkpoint, max_res, out, layouts=layouts)
+    except ValueError as e:  # config errors (ConfigError), bad layouts, a config without weights
+        raise EvalInputError(str(e)) from None
     return {"mode": "sweep", "format": "sweep", "rows": rows, "out": str(out)}
 
 
@@ -140,8 +150,8 @@ def run_files(args: argparse.Namespace) -> dict:
 
 def format_table(report: dict) -> str:
     if report["mode"] == "sweep":
-        head = f"{'max_res':>7} {'tokens':>7} {'AP':>6} {'APr':>6} {'APc':>6} {'APf':>6} {'img/s':>7} {'peak MiB':>9}"
-        rows = [f"{r['max_res']:>7} {r['mean_tokens_per_image']:>7.0f} " + " ".join(f"{100 * r[k]:6.2f}" for k in ("AP", "APr", "APc", "APf"))
+        head = f"{'layout':>7} {'max_res':>7} {'tokens':>7} {'AP':>6} {'APr':>6} {'APc':>6} {'APf':>6} {'img/s':>7} {'peak MiB':>9}"
+        rows = [f"{r['layout']:>7} {r['max_res']:>7} {r['mean_tokens_per_image']:>7.0f} " + " ".join(f"{100 * r[k]:6.2f}" for k in ("AP", "APr", "APc", "APf"))
                 + f" {r['images_per_s']:>7.1f} {r['peak_mem_mb']:>9.0f}" for r in report["rows"]]  # fmt: skip
         return "\n".join([head, "-" * len(head), *rows, f"(written to {report['out']})"])
     keys = LVIS_METRICS if report["format"] == "lvis" else COCO_METRICS

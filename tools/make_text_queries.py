@@ -6,7 +6,9 @@
 
 DIR is a local HF ``save_pretrained`` directory of a dual encoder with ``get_text_features``
 (SigLIP / SigLIP2, CLIP, ...) and its tokenizer, e.g. google/siglip2-base-patch16-naflex, whose
-vision tower is configs/_base_/backbones/siglip2_base_patch16_naflex.yaml. Nothing is downloaded.
+vision tower is configs/_base_/backbones/siglip2_base_patch16_naflex.yaml, or an OWL-ViT / OWLv2
+detector directory (its own text tower: the queries its class head was trained against, see
+configs/detection/owlv2_base_patch16_lvis_zeroshot.yaml). Nothing is downloaded.
 
 Per category (LVIS / COCO JSON ``categories``, sorted by id: the detector's label order), each
 prompt template is filled with the readable name (``bow_(weapon)`` -> ``bow (weapon)``; with

@@ -389,7 +389,9 @@ def _slot_tensors(layout: PackedLayout, kept_idx: Sequence[torch.Tensor]) -> dic
     valid_slots = torch.cat([run_start[i] + arange[:n] for i, _, _, n in layout.runs] or [empty])
     return dict(
         patch_slots=patch_slots,
-        patch_image=torch.repeat_interleave(torch.arange(layout.num_images), torch.tensor(layout.num_kept, dtype=torch.long)),
+        patch_image=torch.repeat_interleave(
+            torch.arange(layout.num_images), torch.tensor(layout.num_kept, dtype=torch.long), output_size=sum(layout.num_kept)
+        ),
         patch_cells=patch_cells,
         valid_slots=valid_slots,
         prefix_slots=torch.tensor(run_start, dtype=torch.long).view(-1, 1) + arange[:k],

@@ -133,6 +133,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         algorithm=d.packing,
         token_drop=token_drop,
         max_side=d.max_side,
+        train=train,
     )
     return DataLoader(
         _KeyedDataset(dataset, cfg.seed, train),

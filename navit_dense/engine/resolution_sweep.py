@@ -52,7 +52,8 @@ from .distributed import init_distributed
 from .trainer import autocast, load_for_evaluation, to_device
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
-COLUMNS = ("max_res", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
+LAYOUTS = ("native", "square")  # packed at native aspect, or padded to a square first (data.square_pad)
+COLUMNS = ("layout", "max_res", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
            "eval_seconds", "peak_mem_mb", "peak_mem_delta_mb", "mem_method")  # fmt: skip
 _STATUS = Path("/proc/self/status")
 
@@ -163,16 +164,21 @@ def evaluate_at(task, model, backbone, dataset, c_res: Config, env, memory: Peak
 @torch.no_grad()
 def run_resolution_sweep(
     cfg: DictConfig | Config | str | Path,
-    checkpoint: str | Path,
+    checkpoint: str | Path | None,
     max_res_list: Sequence[int],
     out_dir: str | Path,
     *,
     ema: bool | None = None,
     split: str = "val",
+    layouts: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Evaluate ``checkpoint`` at each max resolution (pixels); returns one row per resolution
-    (keys ``COLUMNS``) and writes resolution_sweep.json / .csv / .png into ``out_dir``.
-    cfg: the run's config (a loaded config, or a YAML path). ema: as in tools/evaluate.py."""
+    """Evaluate ``checkpoint`` at each max resolution (pixels) and image layout; returns one
+    row per (layout, resolution) (keys ``COLUMNS``) and writes resolution_sweep.json / .csv /
+    .png into ``out_dir``. cfg: the run's config (a loaded config, or a YAML path).
+    checkpoint: None evaluates the weights the config itself names (an imported detector,
+    zero-shot). layouts: "native" packs every image at its own aspect ratio, "square" pads it
+    to a square first (HF Owlv2Processor's layout), same weights; default the config's own
+    (data.square_pad). ema: as in tools/evaluate.py."""
     if isinstance(cfg, (str, Path)):
         cfg = load_config(cfg)
     c = cfg if isinstance(cfg, Config) else to_object(cfg)
@@ -180,21 +186,27 @@ def run_resolution_sweep(
         raise ValueError(f"the LVIS resolution sweep evaluates detection configs, got task {c.task!r} (segmentation: tools/eval_seg.py)")
     if not max_res_list:
         raise ValueError("max_res_list is empty")
+    layouts = layouts or (("square",) if c.data.square_pad else ("native",))
+    bad = sorted(set(layouts) - set(LAYOUTS))
+    if bad or not layouts:
+        raise ValueError(f"layouts must be taken from {LAYOUTS}, got {list(layouts)}")
     env = init_distributed(c.train.device)
-    path = ckpt.resolve(checkpoint)
+    path = ckpt.resolve(checkpoint) if checkpoint is not None else None
     task, model, backbone, dataset = load_for_evaluation(c, path, ema, env.device, split)
     memory = PeakMemory(env.device)
 
     rows = []
-    for max_res in sorted(int(r) for r in max_res_list):  # increasing: see the ru_maxrss fallback
-        c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens)
-        stats = evaluate_at(task, model, backbone, dataset, c_res, env, memory, task.build_evaluator(), warmup=not rows)
-        metrics = stats.pop("metrics")
-        rows.append({"max_res": max_res, **{k: metrics[k] for k in METRICS}, **stats})
-        print(f"max_res {max_res}: AP {metrics['AP']:.4f} APr {metrics['APr']:.4f}, {stats['mean_tokens_per_image']:.0f} "
-              f"tokens/image, {stats['images_per_s']:.1f} images/s, peak {stats['peak_mem_mb']:.0f} MiB", flush=True)  # fmt: skip
+    for layout in layouts:
+        for max_res in sorted(int(r) for r in max_res_list):  # increasing: see the ru_maxrss fallback
+            c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens, square_pad=layout == "square")
+            stats = evaluate_at(task, model, backbone, dataset, c_res, env, memory, task.build_evaluator(), warmup=not rows)
+            metrics = stats.pop("metrics")
+            rows.append({"layout": layout, "max_res": max_res, **{k: metrics[k] for k in METRICS}, **stats})
+            print(f"{layout} max_res {max_res}: AP {metrics['AP']:.4f} APr {metrics['APr']:.4f}, {stats['mean_tokens_per_image']:.0f} "
+                  f"tokens/image, {stats['images_per_s']:.1f} images/s, peak {stats['peak_mem_mb']:.0f} MiB", flush=True)  # fmt: skip
     task.cfg = c
-    write_sweep(rows, out_dir, {"checkpoint": str(path), "split": split, "task": c.task, "patch_size": backbone.patch_size,
+    source = str(path) if path is not None else (c.model.hf_owl or c.model.backbone.init.path or "config")
+    write_sweep(rows, out_dir, {"checkpoint": source, "split": split, "task": c.task, "patch_size": backbone.patch_size,
                                 "device": str(env.device)})  # fmt: skip
     return rows
 
@@ -222,19 +234,23 @@ def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None)
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    res = [r["max_res"] for r in rows]
+    res = sorted({r["max_res"] for r in rows})
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("AP", "o-"), ("APr", "s-")):
-        # -1 means "undefined" (no GT in the group): not plotted.
-        pts = [(x, 100 * r[key]) for x, r in zip(res, rows) if r[key] >= 0]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key)
+    layouts = list(dict.fromkeys(r.get("layout", "native") for r in rows))
+    for layout in layouts:
+        mine = [r for r in rows if r.get("layout", "native") == layout]
+        for key, marker in (("AP", "o"), ("APr", "s")):
+            # -1 means "undefined" (no GT in the group): not plotted.
+            pts = [(r["max_res"], 100 * r[key]) for r in mine if r[key] >= 0]
+            style = marker + ("-" if layout == "native" else "--")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key if len(layouts) == 1 else f"{key} {layout}")
     ax.set_xlabel("max resolution (pixels, longer side)")
     ax.set_ylabel("LVIS box AP (%)")
     ax.set_xticks(res)
     ax.grid(alpha=0.3)
     ax.legend()
     if info and info.get("checkpoint"):
-        ax.set_title(f"resolution sweep: {Path(info['checkpoint']).parent.parent.name}", fontsize=10)
+        ax.set_title(f"resolution sweep: {Path(info['checkpoint']).name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=120)
     plt.close(fig)

@@ -76,6 +76,7 @@ class PackPlan:
     algorithm: str
     token_drop: TokenDrop | None  # None at evaluation
     max_side: int | None = None  # cap on the longer side in pixels (data.max_side)
+    train: bool = False  # a training batch (augmented, token-dropped) or an evaluation one
 
     def pack(self, images: Sequence[torch.Tensor]) -> PackedBatch:
         return pack_images(

@@ -366,14 +366,16 @@ def train(cfg: DictConfig, resume: bool = False) -> dict:
     return Trainer(cfg, resume).fit()
 
 
-def load_for_evaluation(c, path: Path, ema: bool | None, device: torch.device, split: str = "val") -> tuple[Task, nn.Module, nn.Module, Any]:
+def load_for_evaluation(c, path: Path | None, ema: bool | None, device: torch.device, split: str = "val") -> tuple[Task, nn.Module, nn.Module, Any]:
     """(task, eval-mode model with the checkpoint's weights, its NaViT backbone, the split's
     dataset) for a resolved checkpoint directory; model.backbone.init is not read (the
-    checkpoint replaces it)."""
+    checkpoint replaces it). ``path`` None evaluates the weights the config names (e.g. an
+    imported detector, zero-shot)."""
     task = get_task(c.task)(c)
-    task.load_pretrained = False
+    task.load_pretrained = path is None
     model = task.build_model().to(device)
-    model.load_state_dict(ckpt.load_weights(path, ema))
+    if path is not None:
+        model.load_state_dict(ckpt.load_weights(path, ema))
     model.eval()
     _, backbone = find_backbone(model)
     dataset = task.build_dataset(split)

@@ -1,4 +1,5 @@
-"""Import pretrained ViT weights into NaViT: timm ``VisionTransformer`` and HF ``Siglip2VisionModel``.
+"""Import pretrained ViT weights into NaViT: timm ``VisionTransformer``, HF ``Siglip2VisionModel``
+and HF CLIP-style vision towers (CLIP, OWL-ViT, OWLv2).
 
 Both converters work in two steps, so a checkpoint can be converted without building the
 source model: ``config_from_*`` reads the architecture (from the model object, or from
@@ -391,6 +392,20 @@ def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
 _HF_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
 
+def _hf_encoder_layers(take, depth: int) -> dict[str, torch.Tensor]:
+    """CLIP / SigLIP encoder layers (pre-LN; separate q, k, v projections) -> NaViT blocks."""
+    out = {}
+    for i in range(depth):
+        src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
+        for a, b in [("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:  # fmt: skip
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = take(f"{src}{a}.{p}")
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{p}"] = torch.cat([take(f"{src}self_attn.{n}_proj.{p}") for n in "qkv"], 0)
+    return out
+
+
 def _siglip2_vision_config(config: Any) -> Any:
     config = getattr(config, "vision_config", config)  # a full Siglip2Config
     if isinstance(config, Mapping):
@@ -464,14 +479,7 @@ def convert_siglip2_state_dict(
         "norm.weight": take("post_layernorm.weight"),
         "norm.bias": take("post_layernorm.bias"),
     }
-    for i in range(cfg.depth):
-        src, dst = f"encoder.layers.{i}.", f"blocks.{i}."
-        for a, b in [("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
-                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
-            for p in ("weight", "bias"):
-                out[f"{dst}{b}.{p}"] = take(f"{src}{a}.{p}")
-        for p in ("weight", "bias"):
-            out[f"{dst}attn.qkv.{p}"] = torch.cat([take(f"{src}self_attn.{n}_proj.{p}") for n in "qkv"], 0)
+    out.update(_hf_encoder_layers(take, cfg.depth))
     if cfg.global_pool == "map":
         # nn.MultiheadAttention packs [q; k; v] rows in in_proj; MAPHead splits q from kv.
         in_w, in_b = take("head.attention.in_proj_weight"), take("head.attention.in_proj_bias")
@@ -508,3 +516,89 @@ def navit_from_siglip2(model_or_state_dict_and_config: Any, **overrides) -> NaVi
     cfg = config_from_siglip2(config, **overrides)
     model = NaViT(cfg)
     return _load(model, convert_siglip2_state_dict(sd, cfg, reference=model))
+
+
+# ---- HF CLIP-style vision towers (CLIP, OWL-ViT, OWLv2) ---------------------------------------
+def config_from_hf_clip_vision(config: Any, **overrides) -> NaViTConfig:
+    """NaViTConfig equivalent to an HF CLIP-style vision config (CLIPVisionConfig,
+    OwlViTVisionConfig, Owlv2VisionConfig, or a full config holding one as ``vision_config``):
+    class token, learned square position table (resized per image bicubic WITHOUT antialias, as
+    ``interpolate_pos_encoding`` does), pre-LayerNorm, pre-LN blocks, final LayerNorm."""
+    vc = getattr(config, "vision_config", config)
+    if vc.hidden_act not in _HF_ACTS:
+        raise ValueError(f"unsupported activation {vc.hidden_act!r}; supported: {sorted(_HF_ACTS)}")
+    if vc.image_size % vc.patch_size:
+        raise ValueError(f"image_size {vc.image_size} is not a multiple of patch_size {vc.patch_size}")
+    found = dict(
+        patch_size=vc.patch_size,
+        in_chans=vc.num_channels,
+        embed_dim=vc.hidden_size,
+        depth=vc.num_hidden_layers,
+        num_heads=vc.num_attention_heads,
+        mlp_ratio=_mlp_ratio(vc.intermediate_size, vc.hidden_size),
+        qkv_bias=True,
+        act=_HF_ACTS[vc.hidden_act],
+        norm_eps=vc.layer_norm_eps,
+        pre_norm=True,
+        class_token=True,
+        reg_tokens=0,
+        pos_embed="learned2d",
+        pos_embed_grid=vc.image_size // vc.patch_size,
+        pos_embed_mode="bicubic",
+        pos_embed_antialias=False,
+        global_pool="token",  # CLIP's pooled output: the class token after the final norm
+        fc_norm=False,
+        num_classes=0,
+    )
+    return _make_config(found, overrides)
+
+
+def convert_hf_clip_vision_state_dict(
+    state_dict: Mapping[str, torch.Tensor], cfg: NaViTConfig, reference: NaViT | None = None, prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """HF CLIP-style vision-tower tensors (keys ``embeddings.*``, ``encoder.layers.*``, ...
+    under ``prefix``, e.g. "owlv2.vision_model.") -> NaViT state dict. Source keys outside
+    ``prefix`` are ignored; every key under it must be used."""
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return sd[key]
+
+    D, G = cfg.embed_dim, cfg.pos_embed_grid
+    pos = take("embeddings.position_embedding.weight")  # [1 + G*G, D]: class position first
+    out = {
+        "patch_embed.weight": take("embeddings.patch_embedding.weight").reshape(D, -1),  # Conv2d: (c, py, px) already
+        "prefix_tokens": take("embeddings.class_embedding").reshape(1, D),
+        "prefix_pos": pos[:1],
+        "pos_embed.weight": pos[1:].reshape(G, G, D),
+        "norm_pre.weight": take("pre_layernorm.weight"),
+        "norm_pre.bias": take("pre_layernorm.bias"),
+        "norm.weight": take("post_layernorm.weight"),
+        "norm.bias": take("post_layernorm.bias"),
+    }
+    out.update(_hf_encoder_layers(take, cfg.depth))
+    sd.pop("embeddings.position_ids", None)  # a buffer some checkpoints carry
+    unused = sorted(set(sd) - used)
+    if unused:
+        raise ValueError(f"vision-tower weights with no NaViT equivalent (config mismatch?): {unused[:12]}")
+    return _finish(out, _expected_shapes(cfg, reference), "CLIP vision")
+
+
+def navit_from_hf_clip_vision(model_or_state_dict_and_config: Any, prefix: str = "", **overrides) -> NaViT:
+    """NaViT (eval mode) computing the same function as an HF CLIP-style vision tower (see
+    :func:`config_from_hf_clip_vision`): a CLIPVisionModel / OwlViT / Owlv2 vision model (its
+    ``vision_model`` is used), or a ``(state_dict, config)`` pair whose vision keys start with
+    ``prefix`` (e.g. "owlv2.vision_model." in a detector checkpoint)."""
+    src = model_or_state_dict_and_config
+    if isinstance(src, nn.Module):
+        src = getattr(src, "vision_model", src)
+        sd, config = src.state_dict(), src.config
+    elif isinstance(src, (tuple, list)) and len(src) == 2:
+        sd, config = src
+    else:
+        raise TypeError("navit_from_hf_clip_vision takes a CLIP-style vision model or a (state_dict, config) pair")
+    cfg = config_from_hf_clip_vision(config, **overrides)
+    model = NaViT(cfg)
+    return _load(model, convert_hf_clip_vision_state_dict(sd, cfg, reference=model, prefix=prefix))

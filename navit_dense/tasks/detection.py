@@ -38,7 +38,7 @@ from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
 from ..evaluation.evaluators import LvisEvaluator
 from ..losses.detection import DetectionLoss, DetectionLossConfig, FederatedClassSampler
-from ..models.heads.owl import DetectorOutput, OwlDetector, OwlHead, check_query_order, word_embeddings
+from ..models.heads.owl import DetectorOutput, OwlDetector, OwlHead, check_query_order, owl_detector_from_hf, word_embeddings
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -53,6 +53,11 @@ class DetectionModelConfig(ModelConfig):
     class_embeddings: str = ""
     trainable_class_embeddings: bool = False  # for "words" / file queries
     merge_class_token: bool = False  # OWL-ViT: multiply tokens by the class token (needs backbone.class_token)
+    # An HF OWL-ViT / OWLv2 detector (save_pretrained directory): the backbone and heads are
+    # built from its config.json and initialised from its weights (the backbone section then
+    # only sets options such as attn_kernel / drop_path_rate; objectness, merge_class_token,
+    # query_dim, prior_prob and init_logit_scale come from the checkpoint).
+    hf_owl: str = ""
     prior_prob: float = 0.01
     init_logit_scale: float = 3.0
     loss: DetectionLossConfig = field(default_factory=DetectionLossConfig)
@@ -82,6 +87,9 @@ class DetectionDataConfig(DataConfig):
     nms_iou: float = 0.0
     score_thresh: float = 0.0
     use_objectness: bool = False
+    # Evaluation only: pad every image bottom/right to a square of its longer side with black
+    # (HF Owlv2Processor's layout) before packing, instead of packing it at native aspect.
+    square_pad: bool = False
 
 
 # ---- task ------------------------------------------------------------------------------------
@@ -114,15 +122,26 @@ class DetectionTask(Task):
     # ---- model ----
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        # No pooled vector and no feature maps are used: the MAP head / mask token would be
-        # parameters without gradients (DDP errors), so they are off unless asked for.
-        backbone = self.build_backbone(global_pool="none", mask_fill="zeros")
         cats = self.categories()
-        query_dim = m.query_dim or backbone.embed_dim
         learned = m.class_embeddings == ""
-        head = OwlHead(backbone.embed_dim, len(cats) if learned else 0, query_dim, objectness=m.objectness,
-                       merge_class_token=m.merge_class_token, prior_prob=m.prior_prob,
-                       init_logit_scale=m.init_logit_scale)  # fmt: skip
+        if m.hf_owl:
+            try:
+                detector = owl_detector_from_hf(m.hf_owl, load_weights=self.load_pretrained, **self.cfg.model.backbone.overrides())
+            except (OSError, ValueError) as e:
+                raise type(e)(f"model.hf_owl: {e}") from None
+            head, query_dim = detector.head, detector.head.query_dim
+            if learned:  # closed vocabulary on an imported detector: one trainable query per category
+                head.set_class_embeddings(torch.randn(len(cats), query_dim, generator=torch.Generator().manual_seed(self.cfg.seed)),
+                                          trainable=True)  # fmt: skip
+        else:
+            # No pooled vector and no feature maps are used: the MAP head / mask token would be
+            # parameters without gradients (DDP errors), so they are off unless asked for.
+            backbone = self.build_backbone(global_pool="none", mask_fill="zeros")
+            query_dim = m.query_dim or backbone.embed_dim
+            head = OwlHead(backbone.embed_dim, len(cats) if learned else 0, query_dim, objectness=m.objectness,
+                           merge_class_token=m.merge_class_token, prior_prob=m.prior_prob,
+                           init_logit_scale=m.init_logit_scale)  # fmt: skip
+            detector = OwlDetector(backbone, head)
         if m.class_embeddings == "words":
             head.set_class_embeddings(word_embeddings(cats.names, query_dim), trainable=m.trainable_class_embeddings)
         elif not learned:
@@ -134,7 +153,7 @@ class DetectionTask(Task):
                 check_query_order(m.class_embeddings, cats.category_ids)
             except ValueError as e:
                 raise ValueError(f"model.class_embeddings {e}") from None
-        return OwlDetector(backbone, head)
+        return detector
 
     # ---- data ----
     def build_dataset(self, split: str) -> LvisDetectionDataset | None:
@@ -158,11 +177,25 @@ class DetectionTask(Task):
         # Budget scale jitter multiplies each image's token budget (capped at one sequence).
         budgets = scale_budgets(plan.max_tokens, [s.budget_scale for s in samples], plan.seq_len - plan.num_prefix_tokens)
         plan = replace(plan, max_tokens=budgets)
-        batch = plan.pack([s.image for s in samples])
+        images = [s.image for s in samples]
+        if self.cfg.data.square_pad and not plan.train:
+            images = [self._pad_to_square(im) for im in images]
+        batch = plan.pack(images)
         targets = detection_targets(samples)  # normalized cxcywh boxes + image_id, scale, LVIS lists
         for t in targets:
             t.pop("masks", None)
         return batch, targets
+
+    def _pad_to_square(self, image: torch.Tensor) -> torch.Tensor:
+        """Bottom/right padding to the longer side with a black pixel (normalized), so the
+        image keeps its top-left pixel coordinates: detections map back unchanged."""
+        _, H, W = image.shape
+        S = max(H, W)
+        d = self.cfg.data
+        black = (-torch.tensor(d.mean) / torch.tensor(d.std)).to(image.dtype).view(3, 1, 1)
+        out = black.expand(3, S, S).clone()
+        out[:, :H, :W] = image
+        return out
 
     def count(self, batch: PackedBatch, targets: list[dict]) -> dict[str, float]:
         return {"images": float(batch.num_images), "boxes": float(sum(len(t["labels"]) for t in targets))}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_convert, clip_boxes_to_image
 
 from ...data.packed_batch import PackedBatch
-from ..navit import NaViTOutput
+from ..navit import NaViT, NaViTOutput
 from ..unpack import unpack_prefix
 
 _BIAS_EPS = 1e-4  # OWLv2 compute_box_bias: keeps the inverse sigmoid finite at 0 and 1
@@ -35,23 +35,32 @@ def inverse_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.log(x + _BIAS_EPS) - torch.log1p(-x + _BIAS_EPS)
 
 
-def token_boxes(grid_sizes: torch.Tensor, image_index: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+BOX_BIASES = ("center", "corner")
+
+
+def token_boxes(grid_sizes: torch.Tensor, image_index: torch.Tensor, token_index: torch.Tensor, anchor: str = "center") -> torch.Tensor:
     """float [T, 4]: each token's own grid cell as normalized (cx, cy, w, h).
 
     grid_sizes: long [N, 2] (h_i, w_i); image_index, token_index: long [T]. Rectangular per
-    image: a token of an h x w grid is 1/w wide and 1/h tall.
+    image: a token of an h x w grid is 1/w wide and 1/h tall. ``anchor`` places (cx, cy):
+    "center" at the cell centre ((col + 0.5) / w), "corner" at its far corner ((col + 1) / w),
+    the convention OWL-ViT / OWLv2 checkpoints were trained with (transformers'
+    ``normalize_grid_corner_coordinates``).
     """
+    if anchor not in BOX_BIASES:
+        raise ValueError(f"box bias anchor must be one of {BOX_BIASES}, got {anchor!r}")
     hw = grid_sizes.to(token_index.device)[image_index].float()  # [T, 2] (h, w)
     h, w = hw.unbind(-1)
     row = torch.div(token_index, w.long(), rounding_mode="floor").float()
     col = token_index.float() - row * w
-    return torch.stack([(col + 0.5) / w, (row + 0.5) / h, 1.0 / w, 1.0 / h], dim=-1)
+    shift = 0.5 if anchor == "center" else 1.0
+    return torch.stack([(col + shift) / w, (row + shift) / h, 1.0 / w, 1.0 / h], dim=-1)
 
 
-def compute_box_bias(grid_sizes: torch.Tensor, image_index: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+def compute_box_bias(grid_sizes: torch.Tensor, image_index: torch.Tensor, token_index: torch.Tensor, anchor: str = "center") -> torch.Tensor:
     """float [T, 4] box bias (OWLv2 compute_box_bias, per image and per axis): inverse
     sigmoid of the token's cell, so a zero box-MLP output predicts the token's own cell."""
-    return inverse_sigmoid(token_boxes(grid_sizes, image_index, token_index))
+    return inverse_sigmoid(token_boxes(grid_sizes, image_index, token_index, anchor).clamp(0.0, 1.0))
 
 
 def _mlp(dim: int, out_dim: int, act: type[nn.Module] = nn.GELU) -> nn.Sequential:
@@ -97,6 +106,8 @@ class OwlHead(nn.Module):
     prior_prob / init_logit_scale: the class logit starts at log(p / (1 - p)) for every token
         (RetinaNet prior) with logit scale ``init_logit_scale``, so focal loss starts stable
         when training from scratch; imported OWL weights overwrite both.
+    box_bias: where a zero box-MLP output puts a token's box: "center" of its cell (trained
+        from scratch here), or "corner" (the far corner, as OWL-ViT / OWLv2 checkpoints do).
     """
 
     def __init__(
@@ -110,15 +121,20 @@ class OwlHead(nn.Module):
         detach_objectness: bool = True,
         prior_prob: float = 0.01,
         init_logit_scale: float = 3.0,
+        box_bias: str = "center",
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if init_logit_scale <= 0:
             raise ValueError(f"init_logit_scale must be > 0, got {init_logit_scale}")
+        if box_bias not in BOX_BIASES:
+            raise ValueError(f"box_bias must be one of {BOX_BIASES}, got {box_bias!r}")
         self.embed_dim = embed_dim
         self.query_dim = query_dim or embed_dim
         self.merge_class_token = merge_class_token
         self.detach_objectness = detach_objectness
-        self.norm = nn.LayerNorm(embed_dim)
+        self.box_bias = box_bias
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.box_head = _mlp(embed_dim, 4)
         self.class_proj = nn.Linear(embed_dim, self.query_dim)
         self.logit_shift = nn.Linear(embed_dim, 1)
@@ -237,7 +253,7 @@ class OwlHead(nn.Module):
             x = x * unpack_prefix(tokens, batch)[:, 0][seg]
         x = self.norm(x)
 
-        pred_boxes = torch.sigmoid(self.box_head(x) + compute_box_bias(batch.grid_sizes, seg, tok).to(x.dtype))
+        pred_boxes = torch.sigmoid(self.box_head(x) + compute_box_bias(batch.grid_sizes, seg, tok, self.box_bias).to(x.dtype))
 
         embeds = F.normalize(self.class_proj(x), dim=-1)
         logits = embeds @ F.normalize(queries.to(x.dtype), dim=-1).T
@@ -260,13 +276,18 @@ class DetectorOutput:
 
 
 class OwlDetector(nn.Module):
+    """NaViT backbone + OwlHead: ``detector(packed_batch) -> DetectorOutput``."""
+
     def __init__(self, backbone: nn.Module, head: OwlHead):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, batch: PackedBatch) -> DetectorOutput:
+    def forward(self, batch: PackedBatch, class_embeddings: torch.Tensor | None = None) -> DetectorOutput:
+        """class_embeddings: [K, query_dim] queries for this call (e.g. text embeddings of
+        another vocabulary); default the head's own."""
         # Packed tokens straight into the head: no per-image feature maps are needed.
-        return DetectorOutput(self.head(self.backbone.forward_features(batch), batch), batch)
+        tokens = self.backbone.forward_features(batch)
+        return DetectorOutput(self.head(tokens, batch, class_embeddings=class_embeddings), batch)
 
 
 def word_embeddings(names: list[str], dim: int) -> torch.Tensor:
@@ -299,6 +320,74 @@ def check_query_order(path: str, category_ids: list[int]) -> None:
         diff = next((i for i, (a, b) in enumerate(zip(ids, category_ids)) if a != b), min(len(ids), len(category_ids)))
         raise ValueError(f"{path}: its category_ids differ from the dataset's at label {diff} "
                          f"({ids[diff:diff + 3]} vs {list(category_ids)[diff:diff + 3]}): made for another category list")  # fmt: skip
+
+
+# ---- import edge: HF OWL-ViT / OWLv2 checkpoints -------------------------------------------------
+# HF head module -> OwlHead module (Linear layers of the 3-layer MLPs sit at 0, 2, 4).
+_HF_HEAD_KEYS = {
+    "layer_norm": "norm",
+    "class_head.dense0": "class_proj",
+    "class_head.logit_shift": "logit_shift",
+    "class_head.logit_scale": "logit_scale",
+    **{f"{head}.dense{j}": f"{head}.{2 * j}" for head in ("box_head", "objectness_head") for j in range(3)},
+}
+
+
+def _hf_owl_source(model_or_dir: Any, load_weights: bool) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """(config, state dict or None) of an Owlv2ForObjectDetection / OwlViTForObjectDetection
+    object or ``save_pretrained`` directory."""
+    if isinstance(model_or_dir, nn.Module):
+        return model_or_dir.config, model_or_dir.state_dict() if load_weights else None
+    from transformers import AutoConfig, AutoModelForZeroShotObjectDetection
+
+    path = Path(model_or_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a save_pretrained directory of an OWL-ViT / OWLv2 detector (no config.json)")
+    if not load_weights:
+        return AutoConfig.from_pretrained(path), None
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(path)
+    return model.config, model.state_dict()
+
+
+def owl_detector_from_hf(model_or_dir: Any, load_weights: bool = True, **backbone_overrides) -> OwlDetector:
+    """An :class:`OwlDetector` computing what an HF ``Owlv2ForObjectDetection`` or
+    ``OwlViTForObjectDetection`` (a model object, or its ``save_pretrained`` directory) computes,
+    on packed native-aspect batches: the CLIP vision tower becomes the NaViT backbone (class
+    token merged into every patch token, learned position grid resized per image like
+    ``interpolate_pos_encoding``), then the checkpoint's class head (logit shift / scale), box
+    head with its corner box bias, and OWLv2's objectness head.
+
+    Queries: pass text embeddings of the class names (``tools/make_text_queries.py --model DIR``
+    runs this checkpoint's own text tower) as ``class_embeddings=`` or install them with
+    ``head.set_class_embeddings``. ``load_weights=False`` builds the architecture from the
+    config alone (evaluating a fine-tuned navit_dense checkpoint). ``backbone_overrides``: NaViT
+    options that do not change the function (attn_kernel, drop_path_rate, out_indices, ...)."""
+    from ..weight_import import config_from_hf_clip_vision, navit_from_hf_clip_vision
+
+    config, sd = _hf_owl_source(model_or_dir, load_weights)
+    kind = getattr(config, "model_type", "")
+    if kind not in ("owlv2", "owlvit"):
+        raise ValueError(f"{model_or_dir}: expected an OWL-ViT / OWLv2 detector config, got model_type {kind!r}")
+    overrides = {"global_pool": "none", "mask_fill": "zeros", **backbone_overrides}
+    if sd is None:
+        backbone = NaViT(config_from_hf_clip_vision(config, **overrides))
+    else:
+        backbone = navit_from_hf_clip_vision((sd, config), prefix=f"{kind}.vision_model.", **overrides).train()
+    vc = config.vision_config
+    head = OwlHead(
+        vc.hidden_size,
+        0,
+        config.text_config.hidden_size,  # class_head.dense0 maps into the text (query) space
+        objectness=kind == "owlv2",
+        merge_class_token=True,
+        detach_objectness=True,
+        box_bias="corner",
+        norm_eps=vc.layer_norm_eps,
+    )
+    if sd is not None:
+        mapped = {f"{new}.{k[len(old) + 1:]}": v for old, new in _HF_HEAD_KEYS.items() for k, v in sd.items() if k.startswith(old + ".")}
+        head.load_state_dict(mapped, strict=True)
+    return OwlDetector(backbone, head)
 
 
 # ---- post-processing ---------------------------------------------------------------------
