@@ -171,3 +171,18 @@ def test_more_gt_than_tokens_matches_what_it_can():
     target = {"labels": torch.tensor([0, 1, 2, 0]), "boxes": random_boxes(4, g)}
     losses = DetectionLoss()(out, [target])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_predictions_give_a_non_finite_loss_not_an_exception(bad):
+    """scipy's linear_sum_assignment raises on non-finite costs; a diverging step must instead
+    reach the trainer as a non-finite loss (skipped and counted there)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 4, generator=g)
+    logits[3, 1] = bad
+    boxes = random_boxes(12, g)
+    boxes[5, 0] = bad
+    out = make_output(logits, boxes, [7, 5])
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": random_boxes(2, g)}, {"labels": torch.tensor([0]), "boxes": random_boxes(1, g)}]
+    losses = DetectionLoss()(out, targets)
+    assert not torch.isfinite(losses["loss"])

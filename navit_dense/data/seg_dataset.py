@@ -106,11 +106,21 @@ def load_label_map(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_seg_meta(root: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``meta.json`` beside a dataset (as written by tools/make_synthetic_seg.py), or None."""
+    """The ``meta.json`` beside a dataset (as written by tools/make_synthetic_seg.py), or None.
+    A file that is not a JSON object is an error naming it, never silently ignored."""
     p = Path(root) / META_FILE
     if not p.is_file():
         return None
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{p}: 'classes' must be a list of names")
+    return meta
 
 
 def _list_images(img_dir: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -250,8 +260,10 @@ class ADE20KDataset(SegFolderDataset):
     """ADE20K layout: ``root/images/{training,validation}/*.jpg`` and
     ``root/annotations/{training,validation}/*.png``, ``reduce_zero_label=True``.
 
-    ``num_classes`` / ``classes`` default to ``root/meta.json`` when present (as written by
-    tools/make_synthetic_seg.py, which may also set ``reduce_zero_label``), else ADE20K's 150.
+    ``num_classes`` / ``classes`` / ``reduce_zero_label`` default to ``root/meta.json`` when
+    present (as written by tools/make_synthetic_seg.py), else ADE20K's 150 and True. A value
+    given here that contradicts meta.json is an error naming both: the labels would shift or
+    the class count would not match the files.
     """
 
     SPLITS = ("training", "validation")
@@ -269,9 +281,16 @@ class ADE20KDataset(SegFolderDataset):
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
         root = Path(root)
         meta = load_seg_meta(root) or {}
+        where = root / META_FILE
+        for key, given in (("reduce_zero_label", reduce_zero_label), ("num_classes", num_classes)):
+            if given is not None and meta.get(key) is not None and meta[key] != given:
+                raise ValueError(f"{key}={given} contradicts {where} ({key}: {meta[key]}); set it to {meta[key]} or fix the file")
+        if classes is not None and meta.get("classes") is not None and list(classes) != meta["classes"]:
+            raise ValueError(f"class names {list(classes)[:4]}... contradict {where} (classes: {meta['classes'][:4]}...)")
+        if classes is None and meta.get("classes") is not None and num_classes in (None, len(meta["classes"])):
+            classes = meta["classes"]
         if classes is None and num_classes is None:
-            classes = meta.get("classes")
-            num_classes = None if classes is not None else meta.get("num_classes", ADE20K_NUM_CLASSES)
+            num_classes = meta.get("num_classes", ADE20K_NUM_CLASSES)
         if reduce_zero_label is None:
             reduce_zero_label = bool(meta.get("reduce_zero_label", True))
         kwargs.setdefault("img_suffix", ".jpg")

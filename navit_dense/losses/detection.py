@@ -58,7 +58,10 @@ class HungarianMatcher:
         if len(gt_labels) == 0 or len(boxes) == 0:
             empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
             return empty, empty.clone()
-        cost = self.cost_matrix(logits, boxes, gt_labels, gt_boxes)
+        # Non-finite logits or boxes (a diverging step) would make scipy raise before the trainer
+        # can skip the step: assign on finite stand-ins; the loss stays non-finite, so the
+        # trainer's non-finite-step path skips, counts and, after N in a row, stops.
+        cost = torch.nan_to_num(self.cost_matrix(logits, boxes, gt_labels, gt_boxes), nan=1e8, posinf=1e8, neginf=-1e8)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())
         as_long = lambda a: torch.as_tensor(a, dtype=torch.long, device=boxes.device)  # noqa: E731
         return as_long(rows), as_long(cols)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -72,7 +72,10 @@ class _SegmentationData(DataConfig):
     img_suffix: str = ".jpg"
     seg_map_suffix: str = ".png"
     num_classes: int = 0  # required (ADE20K: 150)
-    reduce_zero_label: bool = True  # ADE20K: file value 0 = "other" -> ignored, classes 1..K -> 0..K-1
+    class_names: Optional[list[str]] = None  # one per class (folder format; ade20k: read from root/meta.json when present)
+    # ADE20K: file value 0 = "other" -> ignored, classes 1..K -> 0..K-1. None: root/meta.json's value, else
+    # True for ade20k and False for folder; a value contradicting meta.json is an error.
+    reduce_zero_label: Optional[bool] = None
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # Evaluation
@@ -110,8 +113,8 @@ class SegmentationTask(Task):
         return (load_seg_meta(self.cfg.data.root) if self.cfg.data.format == "ade20k" and self.cfg.data.root else None) or {}
 
     def class_names(self) -> list[str] | None:
-        names = self.meta.get("classes")
-        return names if names is not None and len(names) == self.cfg.data.num_classes else None
+        """data.class_names, else the dataset's meta.json classes (checked against the dataset when it is built)."""
+        return self.cfg.data.class_names or self.meta.get("classes")
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
@@ -133,18 +136,21 @@ class SegmentationTask(Task):
         if split in self._datasets:
             return self._datasets[split]
         d = self.cfg.data
-        common = dict(num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label, ignore_index=d.ignore_index,
+        common = dict(num_classes=d.num_classes, classes=d.class_names, ignore_index=d.ignore_index,
                       img_suffix=d.img_suffix, seg_map_suffix=d.seg_map_suffix)  # fmt: skip
-        if d.format == "ade20k":
-            name = {"train": d.train_split, "val": d.val_split}[split]
-            if not name:
-                return None
-            base = ADE20KDataset(d.root, split=name, **common)
-        else:
-            img_dir, ann_dir = {"train": (d.train_img_dir, d.train_ann_dir), "val": (d.val_img_dir, d.val_ann_dir)}[split]
-            if not img_dir:
-                return None
-            base = SegFolderDataset(img_dir, ann_dir, **common)
+        try:
+            if d.format == "ade20k":
+                name = {"train": d.train_split, "val": d.val_split}[split]
+                if not name:
+                    return None
+                base = ADE20KDataset(d.root, split=name, reduce_zero_label=d.reduce_zero_label, **common)
+            else:
+                img_dir, ann_dir = {"train": (d.train_img_dir, d.train_ann_dir), "val": (d.val_img_dir, d.val_ann_dir)}[split]
+                if not img_dir:
+                    return None
+                base = SegFolderDataset(img_dir, ann_dir, reduce_zero_label=bool(d.reduce_zero_label), **common)
+        except ValueError as e:  # contradicting metadata, class names that do not fit num_classes
+            raise ValueError(f"data ({split} split): {e}") from None
         augment = SegAugment(**{f.name: getattr(d, f.name) for f in fields(SegAugment)}) if split == "train" else None
         self._datasets[split] = SegTaskDataset(base, d.mean, d.std, augment)
         return self._datasets[split]
