@@ -186,3 +186,16 @@ def test_non_finite_predictions_give_a_non_finite_loss_not_an_exception(bad):
     targets = [{"labels": torch.tensor([1, 2]), "boxes": random_boxes(2, g)}, {"labels": torch.tensor([0]), "boxes": random_boxes(1, g)}]
     losses = DetectionLoss()(out, targets)
     assert not torch.isfinite(losses["loss"])
+
+
+def test_giou_loss_equals_torchvision():
+    from torchvision.ops import generalized_box_iou_loss
+
+    from navit_dense.losses.detection import giou_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = box_convert(random_boxes(200, g), "cxcywh", "xyxy")
+    b = box_convert(random_boxes(200, g), "cxcywh", "xyxy")
+    b[:50] = a[:50] + 0.01 * torch.randn(50, 4, generator=g)  # overlapping pairs; the rest mostly disjoint
+    b[50:60] = a[50:60]  # identical pairs
+    torch.testing.assert_close(giou_loss(a, b), generalized_box_iou_loss(a, b, reduction="none"), atol=1e-6, rtol=1e-6)

@@ -158,9 +158,9 @@ def test_augmentation_keeps_aspect_ratio_and_label_alignment():
 
 
 # ---- collate, loss, evaluator ---------------------------------------------------------------
-def _plan(n: int, budget: int = 64) -> PackPlan:
+def _plan(n: int, budget: int = 64, train: bool = True) -> PackPlan:
     return PackPlan(max_tokens=[budget] * n, seed=list(range(n)), patch_size=16, seq_len=256, num_prefix_tokens=0,
-                    algorithm="balanced", token_drop=None)  # fmt: skip
+                    algorithm="balanced", token_drop=None, train=train)  # fmt: skip
 
 
 def test_loss_normalized_by_global_valid_pixels_matches_one_big_batch(data, tmp_path):

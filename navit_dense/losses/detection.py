@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
 from ..models.heads.owl import OwlOutput
 
@@ -33,6 +33,18 @@ def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 
     pos = sigmoid_focal_loss(x, torch.ones_like(x), alpha, gamma, reduction="none")
     neg = sigmoid_focal_loss(x, torch.zeros_like(x), alpha, gamma, reduction="none")
     return pos - neg
+
+
+def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """1 - GIoU of matched xyxy box pairs, [M]: torchvision's generalized_box_iou_loss
+    (reduction "none") with the empty intersection clamped to 0 instead of boolean-mask
+    indexing, which would make the host wait for the device on every step."""
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    inter = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0) * (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (inter / (union + eps) - (hull - union) / (hull + eps))
 
 
 class HungarianMatcher:
@@ -54,22 +66,38 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def match(self, logits, boxes, gt_labels, gt_boxes) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction rows, gt indices), long [M] each, M = min(T, G)."""
-        if len(gt_labels) == 0 or len(boxes) == 0:
-            empty = torch.zeros(0, dtype=torch.long, device=boxes.device)
-            return empty, empty.clone()
+        """(prediction rows, gt indices), long [M] each, M = min(T, G), for one image."""
+        return self.match_many([logits], [boxes], [gt_labels], [gt_boxes])[0]
+
+    @torch.no_grad()
+    def match_many(self, logits, boxes, gt_labels, gt_boxes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`match` for many images with ONE device-to-host copy: every cost matrix is
+        computed on the device, the concatenation crosses to the host once, the Hungarian
+        assignments run there (scipy), and the indices come back in one copy."""
+        device = boxes[0].device if boxes else torch.device("cpu")
+        shapes = [(len(bx), len(lb)) for bx, lb in zip(boxes, gt_labels)]  # host ints: tensor shapes
+        costs = [self.cost_matrix(lg, bx, lb, gb).flatten() for lg, bx, lb, gb, (t, g) in zip(logits, boxes, gt_labels, gt_boxes, shapes)
+                 if t and g]  # fmt: skip
         # Non-finite logits or boxes (a diverging step) would make scipy raise before the trainer
         # can skip the step: assign on finite stand-ins; the loss stays non-finite, so the
         # trainer's non-finite-step path skips, counts and, after N in a row, stops.
-        cost = torch.nan_to_num(self.cost_matrix(logits, boxes, gt_labels, gt_boxes), nan=1e8, posinf=1e8, neginf=-1e8)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        as_long = lambda a: torch.as_tensor(a, dtype=torch.long, device=boxes.device)  # noqa: E731
-        return as_long(rows), as_long(cols)
+        flat = torch.nan_to_num(torch.cat(costs), nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy() if costs else np.zeros(0)
+        found, start = [], 0
+        for t, g in shapes:
+            if t and g:
+                found.append(linear_sum_assignment(flat[start : start + t * g].reshape(t, g)))
+                start += t * g
+            else:
+                found.append((np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)))
+        sizes = [len(r) for r, _ in found]
+        both = torch.from_numpy(np.concatenate([np.concatenate([r for r, _ in found]), np.concatenate([c for _, c in found])]).astype(np.int64))
+        rows, cols = both.to(device, non_blocking=True).split([sum(sizes)] * 2)
+        return list(zip(rows.split(sizes), cols.split(sizes)))
 
     def __call__(self, outputs: OwlOutput, targets: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: (rows local to that image's slice of ``outputs``, gt indices)."""
-        logits, boxes = outputs.split("logits"), outputs.split("pred_boxes")
-        return [self.match(lg, bx, t["labels"], t["boxes"]) for lg, bx, t in zip(logits, boxes, targets)]
+        return self.match_many(outputs.split("logits"), outputs.split("pred_boxes"), [t["labels"] for t in targets],
+                               [t["boxes"] for t in targets])  # fmt: skip
 
 
 # ---- federated category masks (LVIS) -----------------------------------------------------
@@ -154,19 +182,33 @@ class DetectionLoss(nn.Module):
     def class_masks(
         self, targets: Sequence[dict], num_classes: int, step: int | None = None, device=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(counted [N, K], not_exhaustive [N, K]) bool masks, positives always counted."""
+        """(counted [N, K], not_exhaustive [N, K]) bool masks, positives always counted.
+
+        Targets that carry both masks already ("class_mask" with the positives set, and
+        "not_exhaustive_mask", as the detection task's collate builds them in the data workers)
+        are stacked as they are, with no host round trip; otherwise they are built here."""
+        if targets and all("class_mask" in t and "not_exhaustive_mask" in t for t in targets):
+            return torch.stack([t["class_mask"] for t in targets]).to(device), torch.stack([t["not_exhaustive_mask"] for t in targets]).to(device)
         step = self._calls if step is None else step
-        counted = torch.ones(len(targets), num_classes, dtype=torch.bool)
-        not_exh = torch.zeros(len(targets), num_classes, dtype=torch.bool)
-        for i, t in enumerate(targets):
-            if "class_mask" in t:
-                counted[i] = t["class_mask"].cpu()
-            elif self.federated is not None:
-                counted[i] = self.federated(t["labels"], t.get("neg_labels"), key=(step, int(t.get("image_id", i))))
-            counted[i, t["labels"].cpu()] = True
-            if "not_exhaustive_labels" in t:
-                not_exh[i, t["not_exhaustive_labels"].cpu()] = True
-        return counted.to(device), not_exh.to(device)
+        masks = [self.target_masks(t, num_classes, key=(step, int(t.get("image_id", i)))) for i, t in enumerate(targets)]
+        return torch.stack([m[0] for m in masks]).to(device), torch.stack([m[1] for m in masks]).to(device)
+
+    def target_masks(self, target: dict, num_classes: int, key: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counted [K], not_exhaustive [K]) bool masks of one target on the host: its own
+        "class_mask" when given, else the federated sampler's draw keyed by ``key``, else all
+        classes; positives always counted."""
+        labels = torch.as_tensor(target["labels"]).cpu()
+        if "class_mask" in target:
+            counted = torch.as_tensor(target["class_mask"]).cpu().clone()
+        elif self.federated is not None:
+            counted = self.federated(labels, target.get("neg_labels"), key=key)
+        else:
+            counted = torch.ones(num_classes, dtype=torch.bool)
+        counted[labels] = True
+        not_exh = torch.zeros(num_classes, dtype=torch.bool)
+        if "not_exhaustive_labels" in target:
+            not_exh[torch.as_tensor(target["not_exhaustive_labels"]).cpu()] = True
+        return counted, not_exh
 
     def forward(
         self,
@@ -203,10 +245,7 @@ class DetectionLoss(nn.Module):
 
         pred = outputs.pred_boxes[rows]
         losses["loss_l1"] = F.l1_loss(pred, gt_boxes, reduction="sum") / num_boxes
-        losses["loss_giou"] = (
-            generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy"), reduction="sum")
-            / num_boxes
-        )
+        losses["loss_giou"] = giou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")).sum() / num_boxes
         if outputs.objectness is not None:
             obj_target = torch.zeros_like(outputs.objectness)
             obj_target[rows] = 1.0

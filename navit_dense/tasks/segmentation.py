@@ -159,11 +159,13 @@ class SegmentationTask(Task):
         d = self.cfg.data
         images = [s["image"] for s in samples]
         targets: dict[str, Any] = {"index": [s["index"] for s in samples]}
-        if samples[0]["train"]:
+        if plan.train:
             budgets = scale_budgets(plan.max_tokens, [s["budget_scale"] for s in samples], plan.seq_len - plan.num_prefix_tokens)
             batch = replace(plan, max_tokens=budgets).pack(images)
             # The loss is taken at the size each image was packed at (see seg_heads).
             targets["labels"] = [resize_label(s["label"], size) for s, size in zip(samples, batch.layout.resized_sizes)]
+            # Counted here, in the data workers, so the training step never reads labels back from the device.
+            targets["valid_pixels"] = sum(int((y != d.ignore_index).sum()) for y in targets["labels"])
             return batch, targets
         targets["labels"] = [s["label"] for s in samples]  # original size: evaluation is there
         if d.eval_mode == "whole":
@@ -182,7 +184,9 @@ class SegmentationTask(Task):
         return replace(plan, max_tokens=budgets, seed=crop_seeds).pack(crops), targets
 
     def count(self, batch: PackedBatch, targets: dict) -> dict[str, float]:
-        valid = sum(int((y != self.cfg.data.ignore_index).sum()) for y in targets["labels"])
+        valid = targets.get("valid_pixels")
+        if valid is None:  # evaluation batches (or targets made elsewhere): count on the spot
+            valid = sum(int((y != self.cfg.data.ignore_index).sum()) for y in targets["labels"])
         return {"images": float(batch.num_images), "pixels": float(valid)}
 
     def losses(self, outputs: SegOutput, targets: dict, ctx: LossContext) -> dict[str, torch.Tensor]:
