@@ -17,6 +17,10 @@ torch.set_num_threads(1)
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("ci")
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; tools/gpu_check.sh runs them)")
+
+
 # Real CC0 / public-domain photos of very different aspect ratios.
 PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "text.png", "hubble_deep_field.jpg")
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import navit_dense as nd
 from navit_dense.data import TokenDrop
-from navit_dense.models import AttentionContext, SimpleFeaturePyramid, dense_block_mask, maps_to_padded
+from navit_dense.models import AttentionContext, SimpleFeaturePyramid, dense_block_mask, maps_to_padded, packed_attention
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
 
@@ -247,3 +247,57 @@ def test_features_only_backbone_has_no_pooling_head():
     assert out.pooled is None and out.feature_maps[0].shape[0] == 32
     with pytest.raises(ValueError, match="num_classes needs a pooled vector"):
         tiny(global_pool="none", num_classes=3)
+
+
+@pytest.mark.parametrize("block", [128, 32])
+def test_flex_block_mask_from_the_layout_equals_create_block_mask(block):
+    """The FlexAttention document mask is built from the host layout (no [S, L, L] tensor);
+    its partial and full tiles are exactly what create_block_mask derives from the dense mask."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from navit_dense.models.attention import document_block_mask
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        sizes = [(int(h), int(w)) for h, w in torch.randint(16, 200, (n, 2), generator=g)]
+        drop = TokenDrop("constant", rate=0.3) if trial % 3 == 0 else None
+        batch = nd.pack_images([torch.rand(3, h, w, generator=g) for h, w in sizes], 8, 200, 512, num_prefix_tokens=trial % 2, token_drop=drop)
+        seg = batch.segment_ids
+
+        def same_image(b, h, q, kv):
+            return (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
+
+        S, L = seg.shape
+        ref = flex.create_block_mask(same_image, S, None, L, L, device="cpu", BLOCK_SIZE=block)
+        ours = document_block_mask(batch, block)
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        for name in ("kv_num_blocks", "full_kv_num_blocks"):
+            assert torch.equal(getattr(ours, name).long(), getattr(ref, name).long()), name
+        assert document_block_mask(batch, block) is ours  # built once per batch
+
+
+def test_varlen_wrapper_gathers_and_scatters_tokens_with_a_reference_kernel(monkeypatch):
+    """flash varlen runs only on CUDA; its wrapper (token gather by valid slots, cu_seqlens, the
+    scatter back with zeros at padding) is checked on CPU with a reference varlen kernel."""
+    import torch.nn.attention.varlen as varlen
+    import torch.nn.functional as F
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k, **_):  # [T, H, Dh], runs delimited by cu_seqlens
+        assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        bounds = cu_q.tolist()
+        return torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)).transpose(0, 1)
+                          for a, b in zip(bounds[:-1], bounds[1:])])  # fmt: skip
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference)
+    batch = nd.pack_images([torch.rand(3, h, w) for h, w in [(40, 90), (100, 30), (64, 64), (20, 200)]], 8, 60, 160, num_prefix_tokens=1,
+                           token_drop=TokenDrop("constant", rate=0.3), seed=[0, 1, 2, 3])  # fmt: skip
+    S, L, H, Dh = batch.num_sequences, batch.seq_len, 2, 8
+    q, k, v = (torch.randn(S, H, L, Dh, requires_grad=True) for _ in range(3))
+    ref = packed_attention(q, k, v, AttentionContext(batch, "segment"))
+    out = packed_attention(q, k, v, AttentionContext(batch, "varlen"))
+    torch.testing.assert_close(out, ref)
+    assert bool((out[batch.padding_mask] == 0).all())
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)

@@ -50,7 +50,10 @@ class AttentionContext:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-    return _KERNEL_FNS[ctx.resolve(q.dtype)](q, k, v, ctx)
+    # The kernel is chosen from all three dtypes: mixed ones (fp32 q/k, bf16 v) fit neither
+    # flash varlen nor Flex's backward, so they count as fp32.
+    dtype = q.dtype if q.dtype == k.dtype == v.dtype else torch.float32
+    return _KERNEL_FNS[ctx.resolve(dtype)](q, k, v, ctx)
 
 
 def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
@@ -129,20 +132,53 @@ def _compiled_flex(device_type: str):
     return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
 
 
-def _flex_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask
+FLEX_BLOCK = 128  # FlexAttention's default tile
+
+
+def document_block_mask(batch: PackedBatch, block_size: int = FLEX_BLOCK):
+    """FlexAttention BlockMask of "same image" for a packed batch, built from the host layout:
+    per sequence and tile pair, the image runs are intervals, so a tile pair interacts iff the
+    run-id ranges of the two tiles overlap, and is full (no mask_mod call) iff both tiles lie
+    in one run. No [S, L, L] tensor is ever built (create_block_mask materializes one); kept
+    with the batch's layout, so every layer and forward reuses it."""
+    import numpy as np
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lay, seg = batch.layout, batch.segment_ids
 
     def build():
-        seg = ctx.batch.segment_ids
+        L, nb = lay.seq_len, -(-lay.seq_len // block_size)
+        run_id = np.full((lay.num_sequences, nb * block_size), -1, dtype=np.int64)
+        for r, (_, s, start, length) in enumerate(lay.runs):
+            run_id[s, start : start + length] = r
+        tiles = run_id.reshape(lay.num_sequences, nb, block_size)
+        valid = tiles >= 0
+        lo = np.where(valid, tiles, np.iinfo(np.int64).max).min(-1)  # [S, nb]; empty tile: max
+        hi = tiles.max(-1)  # empty tile: -1
+        touch = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])  # [S, q tile, kv tile]
+        single = valid.all(-1) & (lo == hi)
+        full = touch & single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+        partial = touch & ~full
+
+        def indices(m):  # per q tile: the count and the (ascending) kv tiles, padded
+            count = m.sum(-1)
+            order = np.argsort(~m, axis=-1, kind="stable")
+            return torch.from_numpy(count[:, None].astype(np.int32)), torch.from_numpy(order[:, None].astype(np.int32))
+
+        (kv_num, kv_idx), (full_num, full_idx) = indices(partial), indices(full)
+        device = seg.device
 
         def same_image(b, h, q_idx, kv_idx):
             return (seg[b, q_idx] == seg[b, kv_idx]) & (seg[b, q_idx] >= 0)
 
-        S, L = seg.shape
-        return create_block_mask(same_image, S, None, L, L, device=str(seg.device))
+        return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
+                                        BLOCK_SIZE=block_size, mask_mod=same_image, seq_lengths=(L, L))  # fmt: skip
 
-    block_mask = ctx.cached("flex", build)
-    out = _compiled_flex(q.device.type)(q, k, v, block_mask=block_mask)
+    return lay.derived(("flex_block_mask", block_size, str(seg.device)), build)
+
+
+def _flex_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
+    out = _compiled_flex(q.device.type)(q, k, v, block_mask=document_block_mask(ctx.batch))
     return _zero_padding(out.transpose(1, 2), ctx.batch)
 
 

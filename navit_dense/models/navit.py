@@ -89,7 +89,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         S, L, D = x.shape
         q, k, v = self.qkv(x).view(S, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = packed_attention(self.q_norm(q), self.k_norm(k), v, ctx)
+        # Under autocast LayerNorm (qk_norm) returns fp32 while v keeps the autocast dtype: one
+        # dtype for every kernel (FlexAttention's backward refuses mixed ones).
+        out = packed_attention(self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype), v, ctx)
         return self.proj(out.reshape(S, L, D))
 
 
