@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from test_ground_truth import zero_based
+
 from navit_dense.data import pack_images
 from navit_dense.data.coco_json import AnnotationError, load_instances
 from navit_dense.data.decode import BadInputLog, BadInputWarning, ImageDecodeError, decode_image, load_image, load_image_uint8
@@ -494,6 +496,32 @@ def _clipped(box):
     return lambda ds: ds.images[0].annotations[0].bbox == pytest.approx(box)
 
 
+MASK_AREA = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects([[4, 4, 24, 4, 24, 14, 4, 14]], 48, 64))))
+
+
+def _set_all(section: str, key: str, value):
+    return lambda data: [entry.__setitem__(key, value) for entry in data[section]]
+
+
+def _chain(*mutations):
+    return lambda data: [m(data) for m in mutations]
+
+
+def _area(ann_index: int, expected: float):
+    return lambda ds: [a.area for im in ds.images for a in im.annotations][ann_index] == expected
+
+
+def _zero_based(data: dict) -> None:
+    """The export of an annotation tool that counts from 0: every id family starts at 0."""
+    data.update(zero_based(data)[0])
+
+
+def _shifted(ds) -> bool:
+    # ids + 1, references included: the same structure as the base file with ids 1, 2, 3...
+    return ([im.id for im in ds.images], sorted(ds.categories), [a.id for im in ds.images for a in im.annotations]) == ([1, 2], [1, 2, 3], [1, 2, 3]) \
+        and [a.category_id for im in ds.images for a in im.annotations] == [1, 2, 3] and ds.images[0].neg_category_ids == [3]
+
+
 # name -> (lvis, mutate(data), skipped-by-reason, fixed-by-reason, text the error must contain, check(dataset))
 COCO_CASES = {
     "image_missing_width": (False, _set("images.0.width", DELETE), {"missing_key": 1, "image_skipped": 2}, {}, "images[0] (id=10): missing key 'width'", None),
@@ -514,11 +542,19 @@ COCO_CASES = {
     "bbox_three_numbers": (False, _set("annotations.0.bbox", [1, 2, 3]), {"bad_bbox": 1}, {}, "expected [x, y, width, height]", None),
     "bbox_nan": (False, _set("annotations.0.bbox", [1, 2, float("nan"), 3]), {"bad_bbox": 1}, {}, "4 finite numbers", None),
     "bbox_strings": (False, _set("annotations.0.bbox", ["1", "2", "3", "4"]), {"bad_bbox": 1}, {}, "'bbox' is ['1'", None),
-    "box_overhangs_right_bottom": (False, _set("annotations.0.bbox", [50, 40, 30, 20]), {}, {"clipped_box": 1}, None, _clipped((50, 40, 14, 8))),
-    "box_negative_origin": (False, _set("annotations.0.bbox", [-5, -5, 10, 10]), {}, {"clipped_box": 1}, None, _clipped((0, 0, 5, 5))),
+    # The clipped boxes no longer hold the file's area (200): it is recomputed from the mask.
+    "box_overhangs_right_bottom": (False, _set("annotations.0.bbox", [50, 40, 30, 20]), {}, {"clipped_box": 1, "inconsistent_area": 1}, None, _clipped((50, 40, 14, 8))),
+    "box_negative_origin": (False, _set("annotations.0.bbox", [-5, -5, 10, 10]), {}, {"clipped_box": 1, "inconsistent_area": 1}, None, _clipped((0, 0, 5, 5))),
     "box_entirely_outside": (False, _set("annotations.0.bbox", [100, 100, 5, 5]), {"box_outside_image": 1}, {}, "outside its 64x48 image", None),
     "iscrowd_two": (False, _set("annotations.0.iscrowd", 2), {"bad_value": 1}, {}, "'iscrowd' is 2, expected 0 or 1", None),
-    "area_negative": (False, _set("annotations.0.area", -3), {"bad_value": 1}, {}, "'area' is -3", None),
+    "area_negative": (False, _set("annotations.0.area", -3), {}, {"inconsistent_area": 1}, None, _area(0, MASK_AREA)),
+    "area_huge_everywhere": (False, _set_all("annotations", "area", 1e7), {}, {"inconsistent_area": 3}, None, _area(2, 64.0)),
+    "area_string": (False, _set("annotations.0.area", "200"), {}, {"inconsistent_area": 1}, None, _area(0, MASK_AREA)),
+    "area_missing": (False, _set("annotations.0.area", DELETE), {}, {"missing_area": 1}, None, _area(0, MASK_AREA)),
+    "area_of_box_only_object_too_small": (False, _chain(_set("annotations.0.segmentation", DELETE), _set("annotations.0.area", 5)), {},
+                                          {"inconsistent_area": 1}, None, _area(0, 200.0)),
+    "ids_start_at_zero": (True, _zero_based, {}, {"shifted_image_ids": 2, "shifted_category_ids": 3, "shifted_annotation_ids": 3}, None,
+                          _shifted),
     "polygon_odd_length_dropped": (False, _extra_polygon([1, 2, 3, 4, 5, 6, 7]), {"bad_polygon": 1}, {}, "polygon 1 has 7 coordinates", _segm_kept),
     "polygon_nested_garbage_dropped": (False, _extra_polygon([[1, 2], [3]]), {"bad_polygon": 1}, {}, "polygon 1 is not a flat list", _segm_kept),
     "only_polygon_has_four_numbers": (False, _set("annotations.0.segmentation", [[1, 2, 3, 4]]), {"bad_segmentation": 1}, {}, "has 4 coordinates", _segm_dropped()),
@@ -604,9 +640,10 @@ def test_coco_case_non_strict_skips_counts_and_warns(tmp_path, name):
 def test_coco_case_strict_raises_naming_file_and_field(tmp_path, name):
     _, _, skipped, fixed, message, _ = COCO_CASES[name]
     path = _write_case(tmp_path, name)
-    if not skipped:  # repairs only (clipping): strict mode loads and still counts them
-        with pytest.warns(BadInputWarning, match="clipped_box"):
+    if not skipped:  # repairs only (clipping, areas, ids): strict mode loads and still counts them, in one warning
+        with pytest.warns(BadInputWarning, match="repaired") as caught:
             assert load_instances(path, strict=True).counts["fixed"] == fixed
+        assert len(caught) == 1
         return
     with pytest.raises(AnnotationError) as info:
         load_instances(path, strict=True)
@@ -625,3 +662,103 @@ def test_fatal_json_problems_raise_in_both_modes(tmp_path, name, strict):
         load_instances(path, strict=strict)
     assert info.value.reason == reason and str(path) in str(info.value)
     assert message in str(info.value), str(info.value)
+
+
+# ---- the corpus through evaluation: one reading for training and evaluation ---------------------
+
+def _lvis_fields(data: dict, section: str) -> dict:
+    if "frequency" not in data["categories"][0]:
+        return {}
+    return {"frequency": "r"} if section == "categories" else {"neg_category_ids": [], "not_exhaustive_category_ids": []}
+
+
+# Unusual but valid files: read without any skip or repair, and scored exactly like the base file.
+GOOD_JSON = {
+    "extra_unknown_keys": lambda data: data["annotations"][0].update(score=1, attributes={"occluded": False}),
+    "annotations_reversed": lambda data: data["annotations"].reverse(),
+    "image_without_annotations": _append("images", lambda data: {"id": 12, "file_name": "c.jpg", "width": 8, "height": 8, **_lvis_fields(data, "images")}),
+    "unused_category": _append("categories", lambda data: {"id": 9, "name": "fish", **_lvis_fields(data, "categories")}),
+    # (20 + 2) * (10 + 2) - 1: a rasterized mask may reach one pixel past its box
+    "area_within_raster_slack": _set("annotations.0.area", 263.0),
+}
+# Readings that training accepts (counted) but that evaluation cannot score: an error naming the file.
+# (image_id_is_string: the detections name image 10, an id the reading refused: reported with the detections file.)
+EVAL_ERRORS = {"lvis_bad_frequency": "frequency must be one of", "lvis_missing_frequency": "frequency must be one of",
+               "image_id_is_string": "dets.json[0]: unknown image_id 10"}  # fmt: skip
+
+
+def _perfect_dets(lvis: bool, case: str = "") -> list[dict]:
+    """The base file's objects as detections, in the ids of case ``case``'s file."""
+    anns = [a for a in _base(lvis)["annotations"] if not a.get("iscrowd")]
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9 - 0.1 * k} for k, a in enumerate(anns)]
+    if case == "ids_start_at_zero":  # detections of a zero-based export use its ids
+        dets = zero_based(_base(lvis), dets)[1]
+    return dets
+
+
+def _eval_cli(tmp_path: Path, gt: Path, lvis: bool, capsys, case: str = "") -> tuple[int, dict | None, str]:
+    from conftest import load_tool
+
+    dets, out = tmp_path / "dets.json", tmp_path / "report.json"
+    dets.write_text(json.dumps(_perfect_dets(lvis, case)))
+    rc = load_tool("eval_lvis").main(["--gt", str(gt), "--dets", str(dets), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, json.loads(out.read_text()) if rc == 0 else None, err
+
+
+def _base_metrics(tmp_path: Path, lvis: bool) -> dict:
+    from navit_dense.evaluation.lvis_eval import evaluate_lvis
+
+    return evaluate_lvis(_base(lvis), _perfect_dets(lvis))
+
+
+@pytest.mark.parametrize("name", sorted(COCO_CASES))
+def test_coco_case_class_in_evaluation(tmp_path, name, capsys):
+    """Every corpus case, scored by tools/eval_lvis.py: an error naming the file, or exactly the
+    training reading's counted skips / repairs, printed, and the metrics of what that reading kept
+    (the training targets and the evaluated objects are the same per image)."""
+    from navit_dense.data.detection import DetectionDataset
+    from navit_dense.evaluation.lvis_eval import evaluate_lvis, results_for_reading
+
+    lvis, _, skipped, fixed, _, _ = COCO_CASES[name]
+    path = _write_case(tmp_path, name)
+    with pytest.warns(BadInputWarning, match=re.escape(str(path))):
+        rc, report, err = _eval_cli(tmp_path, path, lvis, capsys, name)
+        reading = load_instances(path)
+    if name in EVAL_ERRORS:
+        assert rc == 2 and str(path) in err and EVAL_ERRORS[name] in err, err
+        return
+    assert rc == 0, err
+    assert {k: report["ground_truth"][k] for k in ("skipped", "fixed")} == {"skipped": skipped, "fixed": fixed}
+    assert str(path) in err and all(reason in err for reason in {**skipped, **fixed}), err
+    gt = reading.to_json()
+    assert report["runs"][0]["metrics"] == evaluate_lvis(gt, results_for_reading(_perfect_dets(lvis, name), reading)[0])
+    training = DetectionDataset(reading, tmp_path)  # never decodes here
+    for i, im in enumerate(training.images):
+        scored = [a for a in gt["annotations"] if a["image_id"] == im.id and not a["iscrowd"]]
+        assert training.num_objects(i) == len(scored)
+    if report["runs"][0]["metrics"] != _base_metrics(tmp_path, lvis):
+        assert skipped or fixed  # a changed number always comes with its reason
+
+
+@pytest.mark.parametrize("lvis", [False, True])
+@pytest.mark.parametrize("name", sorted(GOOD_JSON))
+def test_valid_variants_score_like_the_base_file(tmp_path, name, lvis, capsys):
+    data = _base(lvis)
+    GOOD_JSON[name](data)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    rc, report, err = _eval_cli(tmp_path, path, lvis, capsys)
+    assert rc == 0 and report["ground_truth"]["total_skipped"] == 0 and not report["ground_truth"]["fixed"], err
+    assert report["runs"][0]["metrics"] == _base_metrics(tmp_path, lvis)
+
+
+@pytest.mark.parametrize("name", sorted(FATAL_JSON))
+def test_fatal_json_in_evaluation_is_an_error_naming_the_file(tmp_path, name, capsys):
+    content, _, message = FATAL_JSON[name]
+    path = tmp_path / f"{name}.json"
+    if content is not None:
+        path.write_bytes(content)
+    rc, _, err = _eval_cli(tmp_path, path, False, capsys)
+    assert rc == 2 and str(path) in err and message in err, err

@@ -1,6 +1,8 @@
 """Detection task end to end on a tiny synthetic LVIS dataset: training through the engine
 and tools/train.py, checkpoint, tools/evaluate.py, the resolution sweep, repeat-factor
-sampling in the engine's sampler, and detections coming back in original image coordinates."""
+sampling in the engine's sampler, and detections coming back in original image coordinates;
+the evaluator scoring the datasets' own reading of the ground truth (skips, zero-based ids),
+COCO ground truth under the COCO protocol, zero-area predictions, dense-scene warnings."""
 
 from __future__ import annotations
 
@@ -13,14 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import load_tool
+from test_ground_truth import zero_based
 import torch
 
+from navit_dense.data.decode import BadInputWarning
 from navit_dense.data.detection import lvis_repeat_factors, resize
+from navit_dense.data.resize import budget_grid
+from navit_dense.data.synthetic.lvis_random import to_coco_format
 from navit_dense.engine.config import load_config, to_object
 from navit_dense.engine.sampler import TokenBudgetSampler
 from navit_dense.engine.task import PackPlan, get_task
-from navit_dense.evaluation.lvis_eval import LVIS_METRICS
-from navit_dense.engine.resolution_sweep import COLUMNS, run_resolution_sweep
+from navit_dense.evaluation.lvis_eval import COCO_METRICS, LVIS_METRICS
+from navit_dense.engine.resolution_sweep import COLUMNS, run_resolution_sweep, sweep_columns
 from navit_dense.models.heads.owl import DetectorOutput, OwlHead, word_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +107,16 @@ def test_resolution_sweep_writes_json_csv_png(trained_run, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def _perfect_outputs(task, batch, targets) -> DetectorOutput:
+def _perfect_outputs(task, batch, targets, zero_width_rest: bool = False) -> DetectorOutput:
     """Real head outputs on the real packed batch, with logits and boxes replaced by the ground
-    truth: image i's first G_i tokens predict its G_i boxes (normalized, as the head does)."""
+    truth: image i's first G_i tokens predict its G_i boxes (normalized, as the head does).
+    zero_width_rest: the other tokens predict zero-width boxes (as if clipped to nothing)."""
     head = OwlHead(32, num_classes=len(task.categories()))
     out = head(torch.randn(batch.num_sequences, batch.seq_len, 32), batch)
     logits = torch.full_like(out.logits, -10.0)
     boxes = out.pred_boxes.clone()
+    if zero_width_rest:
+        boxes[:, 2] = 0.0
     for i, t in enumerate(targets):
         rows = int(out.offsets[i]) + torch.arange(len(t["labels"]))
         assert int(out.offsets[i + 1]) - int(out.offsets[i]) >= len(rows)
@@ -184,3 +193,75 @@ def test_config_files_load():
     assert d.token_drop.mode != "none" and d.resolution.enabled and d.train_json.startswith("datasets/lvis")
     tiny = to_object(load_config(TINY_CONFIG))
     assert tiny.task == "detection" and tiny.data.repeat_threshold > 0
+
+
+def test_coco_ground_truth_is_evaluated_with_the_coco_protocol(trained_run, data, tmp_path, capsys):
+    run_dir, args = trained_run
+    coco = tmp_path / "coco_val.json"
+    coco.write_text(json.dumps(to_coco_format(json.loads((data / "lvis_v1_val.json").read_text()))))
+    args = [*args, f"data.val_json={coco}"]
+    out = tmp_path / "eval.json"
+    checkpoint = str(run_dir / "checkpoints" / "last")
+    assert load_tool("evaluate").main(["--config", str(TINY_CONFIG), "--checkpoint", checkpoint, "--output", str(out), *args]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert set(COCO_METRICS) <= set(metrics) and "APr" not in metrics
+    assert all(0 <= metrics[k] <= 1 for k in ("AP", "AP50", "AR"))  # read at COCO's 100 detections, not -1
+    capsys.readouterr()
+    argv = ["--config", str(TINY_CONFIG), "--checkpoint", checkpoint, "--max-res", "48", "--out", str(tmp_path / "sweep"), *args]
+    assert load_tool("eval_lvis").main(argv) == 0
+    assert "AP75" in capsys.readouterr().out
+    with open(tmp_path / "sweep" / "resolution_sweep.csv") as f:
+        assert tuple(next(csv.reader(f))) == sweep_columns("coco")
+
+
+def _val_variant(data: Path, tmp_path: Path, variant: str) -> Path:
+    gt = json.loads((data / "lvis_v1_val.json").read_text())
+    if variant == "negative_width_box":  # skipped by the training reading: must not be scored either
+        gt["annotations"][0]["bbox"][2] *= -1
+    else:  # an annotation tool's zero-based export
+        gt, _ = zero_based(gt)
+    path = tmp_path / f"{variant}.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+@pytest.mark.parametrize("variant", ["negative_width_box", "zero_based_ids"])
+def test_evaluator_scores_the_val_data_as_read(data, tmp_path, variant):
+    """Perfect predictions of the val dataset's targets score AP 1 whatever the file held: the
+    evaluator's ground truth is the dataset's reading (a skipped box is not a missed object; a
+    zero-based file is renumbered for both), and zero-area predictions are dropped and counted."""
+    path = _val_variant(data, tmp_path, variant)
+    cfg = to_object(load_config(TINY_CONFIG, [*overrides(data, tmp_path / "unused"), f"data.val_json={path}"]))
+    task = get_task("detection")(cfg)
+    with pytest.warns(BadInputWarning) as caught:
+        val = task.build_dataset("val")
+        evaluator = task.build_evaluator()
+    assert len([w for w in caught if issubclass(w.category, BadInputWarning)]) == 1  # the reading's one warning
+    samples = [val[i] for i in range(len(val))]
+    plan = PackPlan(max_tokens=[40] * len(samples), seed=0, patch_size=16, seq_len=160, num_prefix_tokens=0, algorithm="balanced", token_drop=None)
+    batch, targets = task.collate(samples, plan)
+    evaluator.process(_perfect_outputs(task, batch, targets, zero_width_rest=True), targets)
+    metrics = evaluator.metrics()
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["images"] == len(val)
+    assert metrics["zero_area_detections"] > 0 and metrics["zero_area_detections"] < metrics["detections"]
+
+
+def test_dense_scenes_are_warned_once_per_split_and_counted(data, tmp_path):
+    cfg = to_object(load_config(TINY_CONFIG, [*overrides(data, tmp_path), "data.max_tokens_per_image=2", "data.topk=2"]))
+    task = get_task("detection")(cfg)
+    task.build_model()  # the token check needs the model's patch size
+    with pytest.warns(BadInputWarning, match="recall is capped") as caught:
+        train, val = task.build_dataset("train"), task.build_dataset("val")
+    messages = [str(w.message) for w in caught if "recall is capped" in str(w.message)]
+    assert len(messages) == 2 and "(train split)" in messages[0] and "(val split)" in messages[1]
+    assert "data.max_tokens_per_image=2" in messages[0] and "data.topk=2" in messages[1]
+    for split, ds in (("train", train), ("val", val)):
+        gt = json.loads((data / f"lvis_v1_{split}.json").read_text())
+        objects = {im["id"]: 0 for im in gt["images"]}
+        for a in gt["annotations"]:
+            objects[a["image_id"]] += 1
+        tokens = {im["id"]: math.prod(budget_grid(im["height"], im["width"], 16, 2)) for im in gt["images"]}
+        expected = {"more_objects_than_tokens": sum(objects[i] > tokens[i] for i in objects)}
+        if split == "val":
+            expected["more_objects_than_topk"] = sum(n > 2 for n in objects.values())
+        assert ds.skip_summary()["recall_capped"] == expected and all(expected.values())

@@ -44,9 +44,9 @@ def tiny_gt() -> dict:
     return {
         "images": [
             # category 3 is not exhaustively annotated in image 1
-            {"id": 1, "width": 300, "height": 300, "neg_category_ids": [], "not_exhaustive_category_ids": [3]},
+            {"id": 1, "width": 300, "height": 300, "file_name": "1.jpg", "neg_category_ids": [], "not_exhaustive_category_ids": [3]},
             # category 2 is verified absent from image 2
-            {"id": 2, "width": 300, "height": 300, "neg_category_ids": [2], "not_exhaustive_category_ids": []},
+            {"id": 2, "width": 300, "height": 300, "file_name": "2.jpg", "neg_category_ids": [2], "not_exhaustive_category_ids": []},
         ],
         "categories": [
             {"id": 1, "name": "f1", "frequency": "f"},
@@ -220,6 +220,19 @@ def test_chunked_fast_path_is_exact(datasets, monkeypatch):
     _assert_same(evaluate_lvis(gt, dets, "bbox"), whole)
 
 
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_zero_area_boxes_are_dropped_after_the_cap_as_lvis_api_does(datasets, iou_type):
+    # Zero-area results still take a place under the per-image cap in LVISResults, and are then
+    # dropped by LVIS.get_ann_ids (area > 0); the fast path must follow that order.
+    gt, dets = datasets["capped"]
+    flat = copy.deepcopy(dets)
+    for d in flat[::5]:
+        d["bbox"][2] = 0.0
+    ref = evaluate_lvis(gt, flat, iou_type, fast=False)
+    _assert_same(evaluate_lvis(gt, flat, iou_type, fast=True), ref)
+    assert ref != evaluate_lvis(gt, dets, iou_type, fast=False)
+
+
 def test_inputs_are_not_modified(datasets):
     gt, dets = datasets["small"]
     gt0, dets0 = copy.deepcopy(gt), copy.deepcopy(dets)
@@ -283,8 +296,7 @@ BAD_DETECTIONS = {  # name: (mutation of tiny_dets(), expected message)
     "nan score": (_set(0, score=float("nan")), r"detections\[0\] \(image_id 1\): score is nan .*NaN/inf"),
     "inf score": (_set(4, score=float("inf")), r"detections\[4\] \(image_id 2\): score is inf"),
     "string score": (_set(4, score="0.5"), r"detections\[4\].*score must be a number"),
-    "zero width": (_set(5, bbox=[1, 1, 0, 5]), r"detections\[5\].*width and height must be > 0"),
-    "negative height": (_set(6, bbox=[1, 1, 5, -2]), r"detections\[6\].*width and height must be > 0"),
+    "negative height": (_set(6, bbox=[1, 1, 5, -2]), r"detections\[6\].*width and height must be >= 0"),
     "bbox length": (_set(1, bbox=[1, 1, 5]), r"detections\[1\].*\[x, y, width, height\], got length 3"),
     "nan coordinate": (_set(1, bbox=[1, float("nan"), 5, 5]), r"detections\[1\].*finite numbers"),
     "not an object": (lambda dets: dets.__setitem__(7, [1, 2]), r"detections\[7\]: not an object"),

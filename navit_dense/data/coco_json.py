@@ -19,12 +19,29 @@ Policy for entries (reason keys in brackets):
 - segmentation (polygons or RLE) is validated without decoding. Invalid polygons are dropped
   [bad_polygon]; a segmentation with nothing valid left is dropped and the box kept
   [bad_segmentation]: consumers that need masks skip annotations with ``segmentation=None``;
+- ``area`` (it decides small / medium / large in evaluation) is kept when it can belong to the
+  (clipped) box: 0 < area <= (w + 2)(h + 2) (a rasterized mask may reach one pixel past its
+  box) and, for an object the file gives no segmentation, area >= (w - 2)(h - 2). Otherwise it
+  is recomputed, as the mask's pixel count (what COCO / LVIS store) or, without a mask, the box
+  area; counted as fixed [missing_area] when absent, [inconsistent_area] when wrong (e.g. not a
+  number, <= 0, or the same huge value on every object);
 - LVIS: ``frequency`` must be r/c/f (else None) [bad_frequency]; ``neg_category_ids`` and
   ``not_exhaustive_category_ids`` must be lists of known category ids (unknown ids are
   removed, a missing or non-list value becomes []) [bad_neg_category_ids,
   bad_not_exhaustive_category_ids].
 LVIS v1 images carry ``coco_url`` instead of ``file_name``: ``file_name`` becomes its last
 two path parts (``train2017/000000391895.jpg``), relative to the COCO image root.
+
+Ids must be positive: the COCO / LVIS evaluators use 0 for "unmatched". An export whose image,
+category or annotation ids start at 0 (common in annotation tools) is renumbered: each such
+family is shifted so that its smallest id is 1, with every reference to it (``image_id``,
+``category_id``, the LVIS category lists), counted as fixed [shifted_image_ids, ...] and
+named in the file's one repair warning. ``InstanceDataset.id_offsets`` records the shifts;
+tools/eval_lvis.py applies the same shift to the ids of a detections file scored against it.
+
+Training data, ``tools/evaluate.py`` and ``tools/eval_lvis.py`` all read ground truth through
+:func:`load_instances`; the evaluators score :meth:`InstanceDataset.to_json`, so what is
+skipped here is skipped everywhere and what is repaired is repaired everywhere.
 """
 
 from __future__ import annotations
@@ -34,7 +51,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -93,6 +110,8 @@ class InstanceDataset:
     images: list[ImageRecord]
     categories: dict[int, Category]
     log: BadInputLog  # what was skipped / fixed while loading this file
+    id_offsets: dict[str, int] = field(default_factory=dict)  # {"image": 1, ...}: id families shifted (zero-based file)
+    skipped_ids: dict[str, set[int]] = field(default_factory=dict)  # {"image": ..., "category": ...}: skipped entries' file ids
 
     @property
     def counts(self) -> dict[str, Any]:
@@ -101,6 +120,23 @@ class InstanceDataset:
     @property
     def num_annotations(self) -> int:
         return sum(len(im.annotations) for im in self.images)
+
+    def to_json(self) -> dict:
+        """This reading as a COCO (LVIS) JSON object: every skip, repair and id shift applied.
+        The evaluators score this, so they see exactly the ground truth training sees."""
+        lvis = self.flavor == "lvis"
+        categories = [{"id": c.id, "name": c.name, **({"frequency": c.frequency} if lvis else {}),
+                       **({"image_count": c.image_count} if c.image_count is not None else {})}
+                      for c in self.categories.values()]  # fmt: skip
+        images, annotations = [], []
+        for im in self.images:
+            lists = {key: list(getattr(im, key)) for key in LVIS_IMAGE_LISTS} if lvis else {}
+            images.append({"id": im.id, "file_name": im.file_name, "width": im.width, "height": im.height, **lists})
+            for a in im.annotations:
+                segm = {} if a.segmentation is None else {"segmentation": a.segmentation}
+                annotations.append({"id": a.id, "image_id": im.id, "category_id": a.category_id, "bbox": list(a.bbox),
+                                    "area": a.area, "iscrowd": int(a.iscrowd), **segm})  # fmt: skip
+        return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def to_rle(segmentation: list | dict, height: int, width: int) -> dict:
@@ -348,12 +384,20 @@ class _Parser:
         if iscrowd not in (0, 1):  # also admits False/True
             self.skip(where, "bad_value", f"'iscrowd' is {iscrowd!r}, expected 0 or 1")
             return None
-        area = a.get("area")
-        if area is not None and not (_is_number(area) and area >= 0):
-            self.skip(where, "bad_value", f"'area' is {area!r}, expected a non-negative number")
-            return None
         segm = self._segmentation(where, a.get("segmentation"), image)
-        return Annotation(a["id"], a["category_id"], clipped, bool(iscrowd), None if area is None else float(area), segm)
+        area = self._area(a.get("area"), clipped, segm, image, box_only=a.get("segmentation") is None)
+        return Annotation(a["id"], a["category_id"], clipped, bool(iscrowd), area, segm)
+
+    def _area(self, area: Any, box: tuple[float, ...], segm: list | dict | None, image: ImageRecord, box_only: bool) -> float:
+        """The file's area if it can belong to this box, else recomputed and counted (policy above).
+        box_only: the file gives no segmentation (an invalid one still made the area a mask's)."""
+        w, h = box[2], box[3]
+        if _is_number(area) and 0 < area <= (w + 2) * (h + 2) and (not box_only or area >= (w - 2) * (h - 2)):
+            return float(area)
+        self.log.fix("missing_area" if area is None else "inconsistent_area")
+        if segm is None:
+            return w * h
+        return float(mask_utils.area(to_rle(segm, image.height, image.width))) or w * h  # a sub-pixel mask: its box
 
     def _segmentation(self, where: str, segm: Any, image: ImageRecord) -> list | dict | None:
         if segm is None:
@@ -418,6 +462,32 @@ def load_instances(
     categories = parser.categories(data["categories"])
     images = parser.images(data["images"], categories)
     parser.annotations(data.get("annotations", []), images, categories)
+    skipped_ids = {"image": {i for i in parser.skipped_images if _is_int(i)} - set(images),
+                   "category": {c for c in parser.skipped_categories if _is_int(c)} - set(categories)}  # fmt: skip
+    offsets = _shift_nonpositive_ids(images.values(), categories.values(), log)
     if log.fixed:  # repairs are not per-entry warnings (COCO has many sub-pixel overshoots): one line per file
-        warnings.warn(f"{path}: repaired {dict(log.fixed)}", BadInputWarning, stacklevel=2)
-    return InstanceDataset(path, flavor, list(images.values()), categories, log)
+        shifted = "".join(f"; {family} ids start at {1 - n}: shifted by +{n} with every reference to them" for family, n in offsets.items())
+        warnings.warn(f"{path}: repaired {dict(log.fixed)}{shifted}", BadInputWarning, stacklevel=2)
+    return InstanceDataset(path, flavor, list(images.values()), {c.id: c for c in categories.values()}, log, offsets, skipped_ids)
+
+
+def _shift_nonpositive_ids(images: Iterable[ImageRecord], categories: Iterable[Category], log: BadInputLog) -> dict[str, int]:
+    """Shift each id family holding an id <= 0 so that its smallest id is 1, with every reference
+    to it (in place); returns {family: shift} (policy in the module docstring)."""
+    images, categories = list(images), list(categories)
+    annotations = [a for im in images for a in im.annotations]
+    families = {"image": [im.id for im in images], "category": [c.id for c in categories], "annotation": [a.id for a in annotations]}
+    offsets = {family: 1 - min(ids) for family, ids in families.items() if ids and min(ids) <= 0}
+    for family, n in offsets.items():
+        log.fix(f"shifted_{family}_ids", len(families[family]))
+    image, category, annotation = (offsets.get(f, 0) for f in families)
+    for c in categories:
+        c.id += category
+    for im in images:
+        im.id += image
+        im.neg_category_ids = [c + category for c in im.neg_category_ids]
+        im.not_exhaustive_category_ids = [c + category for c in im.not_exhaustive_category_ids]
+        for a in im.annotations:
+            a.id += annotation
+            a.category_id += category
+    return offsets

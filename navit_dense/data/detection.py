@@ -294,6 +294,10 @@ class DetectionDataset(Dataset):
     def _annotations(self, record: ImageRecord):
         return [a for a in record.annotations if not a.iscrowd and (a.segmentation is not None or not self.with_masks)]
 
+    def num_objects(self, index: int) -> int:
+        """Instances of an image that are targets (what a detector has to recall)."""
+        return len(self._annotations(self.images[index]))
+
     def image_labels(self) -> list[set[int]]:
         """Per image, the set of class labels annotated in it (for repeat factors)."""
         return [set(self.categories.to_labels(a.category_id for a in self._annotations(im)).tolist()) for im in self.images]
@@ -375,6 +379,7 @@ class LvisDetectionDataset(DetectionDataset):
     def __init__(self, *args, repeat_threshold: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.repeat_threshold = repeat_threshold
+        self.recall_capped: dict[str, int] = {}  # dense-scene check (the detection task fills it): images per cap
 
     def repeat_factors(self) -> np.ndarray:
         if self.repeat_threshold <= 0:
@@ -382,4 +387,4 @@ class LvisDetectionDataset(DetectionDataset):
         return lvis_repeat_factors(self.image_labels(), self.repeat_threshold)
 
     def skip_summary(self) -> dict:
-        return {"annotations": self.instances.counts}
+        return {"annotations": self.instances.counts, **({"recall_capped": self.recall_capped} if self.recall_capped else {})}

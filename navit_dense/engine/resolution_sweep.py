@@ -2,8 +2,10 @@
 
 At max resolution R (pixels) every image is packed with a token budget of (R / P)^2 patches
 and its longer side capped at R, aspect ratio kept; the same weights are evaluated with the
-LVIS protocol at each R. Per resolution the sweep records AP, AP50, APr, APc, APf, the mean
-tokens per image, throughput and peak memory, and writes ``resolution_sweep.{json,csv,png}``.
+ground truth's protocol at each R (the detection task's evaluator). Per resolution the sweep
+records AP, AP50, APr, APc, APf (COCO-format ground truth: AP, AP50, AP75, APs, APm, APl: the
+columns follow the format, ``sweep_columns``), the mean tokens per image, throughput and peak
+memory, and writes ``resolution_sweep.{json,csv,png}``.
 
 Usage (the CLI mode is ``tools/eval_lvis.py --config FILE --checkpoint CKPT --max-res ...``)::
 
@@ -51,10 +53,17 @@ from .data import build_loader
 from .distributed import init_distributed
 from .trainer import autocast, load_for_evaluation, to_device
 
-METRICS = ("AP", "AP50", "APr", "APc", "APf")
+SWEEP_METRICS = {"lvis": ("AP", "AP50", "APr", "APc", "APf"), "coco": ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 LAYOUTS = ("native", "square")  # packed at native aspect, or padded to a square first (data.square_pad)
-COLUMNS = ("layout", "max_res", "max_tokens_per_image", "mean_tokens_per_image", *METRICS, "images", "images_per_s",
-           "eval_seconds", "peak_mem_mb", "peak_mem_delta_mb", "mem_method")  # fmt: skip
+
+
+def sweep_columns(fmt: str = "lvis") -> tuple[str, ...]:
+    """CSV columns of a sweep over ground truth of format ``fmt`` ("lvis" or "coco")."""
+    return ("layout", "max_res", "max_tokens_per_image", "mean_tokens_per_image", *SWEEP_METRICS[fmt], "images", "images_per_s",
+            "eval_seconds", "peak_mem_mb", "peak_mem_delta_mb", "mem_method")  # fmt: skip
+
+
+COLUMNS = sweep_columns("lvis")
 _STATUS = Path("/proc/self/status")
 
 
@@ -173,8 +182,9 @@ def run_resolution_sweep(
     layouts: Sequence[str] | None = None,
 ) -> list[dict]:
     """Evaluate ``checkpoint`` at each max resolution (pixels) and image layout; returns one
-    row per (layout, resolution) (keys ``COLUMNS``) and writes resolution_sweep.json / .csv /
-    .png into ``out_dir``. cfg: the run's config (a loaded config, or a YAML path).
+    row per (layout, resolution) (keys ``sweep_columns(row["format"])``, "format" being the
+    ground truth's, "lvis" or "coco") and writes resolution_sweep.json / .csv / .png into
+    ``out_dir``. cfg: the run's config (a loaded config, or a YAML path).
     checkpoint: None evaluates the weights the config itself names (an imported detector,
     zero-shot). layouts: "native" packs every image at its own aspect ratio, "square" pads it
     to a square first (HF Owlv2Processor's layout), same weights; default the config's own
@@ -199,11 +209,14 @@ def run_resolution_sweep(
     for layout in layouts:
         for max_res in sorted(int(r) for r in max_res_list):  # increasing: see the ru_maxrss fallback
             c_res = resolution_config(c, max_res, backbone.patch_size, backbone.num_prefix_tokens, square_pad=layout == "square")
-            stats = evaluate_at(task, model, backbone, dataset, c_res, env, memory, task.build_evaluator(), warmup=not rows)
+            evaluator = task.build_evaluator()
+            stats = evaluate_at(task, model, backbone, dataset, c_res, env, memory, evaluator, warmup=not rows)
             metrics = stats.pop("metrics")
-            rows.append({"layout": layout, "max_res": max_res, **{k: metrics[k] for k in METRICS}, **stats})
-            print(f"{layout} max_res {max_res}: AP {metrics['AP']:.4f} APr {metrics['APr']:.4f}, {stats['mean_tokens_per_image']:.0f} "
-                  f"tokens/image, {stats['images_per_s']:.1f} images/s, peak {stats['peak_mem_mb']:.0f} MiB", flush=True)  # fmt: skip
+            names = SWEEP_METRICS[evaluator.format]
+            rows.append({"layout": layout, "max_res": max_res, "format": evaluator.format, **{k: metrics[k] for k in names}, **stats})
+            print(f"{layout} max_res {max_res}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in names[:2])
+                  + f", {stats['mean_tokens_per_image']:.0f} tokens/image, {stats['images_per_s']:.1f} images/s, "
+                  f"peak {stats['peak_mem_mb']:.0f} MiB", flush=True)  # fmt: skip
     task.cfg = c
     source = str(path) if path is not None else (c.model.hf_owl or c.model.backbone.init.path or "config")
     write_sweep(rows, out_dir, {"checkpoint": source, "split": split, "task": c.task, "patch_size": backbone.patch_size,
@@ -226,8 +239,10 @@ def write_tables(rows: list[dict], out_dir: str | Path, columns: Sequence[str], 
 
 
 def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
-    """resolution_sweep.json (info + rows), .csv (COLUMNS) and .png (AP and APr, percent, against max resolution)."""
-    paths = write_tables(rows, out_dir, COLUMNS, info)
+    """resolution_sweep.json (info + rows), .csv (``sweep_columns`` of the rows' format) and .png
+    (AP and APr, COCO: AP and AP50, percent, against max resolution)."""
+    fmt = rows[0].get("format", "lvis") if rows else "lvis"
+    paths = write_tables(rows, out_dir, sweep_columns(fmt), info)
 
     import matplotlib
 
@@ -239,13 +254,13 @@ def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None)
     layouts = list(dict.fromkeys(r.get("layout", "native") for r in rows))
     for layout in layouts:
         mine = [r for r in rows if r.get("layout", "native") == layout]
-        for key, marker in (("AP", "o"), ("APr", "s")):
+        for key, marker in zip(("AP", "APr" if fmt == "lvis" else "AP50"), "os"):
             # -1 means "undefined" (no GT in the group): not plotted.
             pts = [(r["max_res"], 100 * r[key]) for r in mine if r[key] >= 0]
             style = marker + ("-" if layout == "native" else "--")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key if len(layouts) == 1 else f"{key} {layout}")
     ax.set_xlabel("max resolution (pixels, longer side)")
-    ax.set_ylabel("LVIS box AP (%)")
+    ax.set_ylabel(f"{fmt.upper()} box AP (%)")
     ax.set_xticks(res)
     ax.grid(alpha=0.3)
     ax.legend()

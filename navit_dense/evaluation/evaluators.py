@@ -10,18 +10,34 @@ import torch.nn.functional as F
 from ..models.heads.owl import DetectorOutput, postprocess, to_coco_results
 from ..models.heads.segmenter import SegOutput, class_map, upsample
 from ..models.sliding_window import merge_windows
-from .lvis_eval import evaluate_lvis
+from .lvis_eval import COCO_MAX_DETS, COCO_METRICS, LVIS_METRICS, EvalInputError, detections_per_image, evaluate_lvis, gt_format, validate_gt
 from .seg_metrics import SegMetric
 
 
 class LvisEvaluator:
-    """Detections of every image as LVIS result records (original pixel coordinates), scored
-    with :func:`evaluate_lvis` (bbox, LVIS standard protocol, at most ``topk`` per image)."""
+    """Detections of every image as COCO / LVIS result records (original pixel coordinates),
+    scored with :func:`evaluate_lvis` (bbox, standard protocol) under the ground truth's own
+    protocol: LVIS keeps ``topk`` detections per image (LVIS: 300), COCO at most 100 (COCO's
+    maxDets; its metric names, no APr/APc/APf).
+
+    gt: the ground truth JSON (the detection task passes ``InstanceDataset.to_json()``: the
+    training data's reading), validated here, so a bad validation file fails when the run
+    starts rather than at its first evaluation; ``source`` names it in errors. Zero-area boxes
+    (a prediction clipped to nothing at the image border) are dropped, as lvis-api drops
+    them, and counted in ``metrics()["zero_area_detections"]``."""
 
     def __init__(self, gt: dict, category_ids: list[int], topk: int = 300, nms_iou: float | None = None,
-                 score_thresh: float = 0.0, use_objectness: bool = False):  # fmt: skip
+                 score_thresh: float = 0.0, use_objectness: bool = False, source: str = "ground truth"):  # fmt: skip
+        self.format = gt_format(gt, source)
+        validate_gt(gt, self.format, "bbox", source)
+        unknown = sorted(set(category_ids) - {c["id"] for c in gt["categories"]})
+        if unknown:
+            raise EvalInputError(f"{source}: has no categories with the model's ids {unknown[:10]}")
+        self.metric_names = LVIS_METRICS if self.format == "lvis" else COCO_METRICS
         self.gt, self.category_ids = gt, category_ids
-        self.topk, self.nms_iou, self.score_thresh, self.use_objectness = topk, nms_iou, score_thresh, use_objectness
+        self.topk = detections_per_image(self.format, topk)  # kept per image
+        self.max_dets = topk if self.format == "lvis" else COCO_MAX_DETS  # the protocol's cap
+        self.nms_iou, self.score_thresh, self.use_objectness = nms_iou, score_thresh, use_objectness
         self.results: list[dict] = []
         self.image_ids: set[int] = set()
 
@@ -44,8 +60,10 @@ class LvisEvaluator:
             self.image_ids.update(ids)
 
     def metrics(self) -> dict[str, float]:
-        metrics = evaluate_lvis(self.gt, self.results, "bbox", "standard", max_dets=self.topk)
-        return {**metrics, "images": float(len(self.image_ids)), "detections": float(len(self.results))}
+        kept = [r for r in self.results if r["bbox"][2] * r["bbox"][3] > 0]
+        metrics = evaluate_lvis(self.gt, kept, "bbox", "standard", max_dets=self.max_dets)
+        return {**metrics, "images": float(len(self.image_ids)), "detections": float(len(self.results)),
+                "zero_area_detections": float(len(self.results) - len(kept))}  # fmt: skip
 
 
 class SegEvaluator:

@@ -35,7 +35,16 @@ Protocols:
   (pre-filter per category, then ``LVISResults(max_dets=-1)``).
 
 COCO-format ground truth (categories without ``frequency``) is evaluated with pycocotools'
-COCOeval (AP@``max_dets`` = 100 by default, no APr/APc/APf).
+COCOeval: its per (image, category) cap ``maxDets`` = ``max_dets`` (COCO protocol: 100), every
+metric read at that cap, no APr/APc/APf.
+
+Ground truth given as a path is read as the training data reads it
+(:func:`~navit_dense.data.coco_json.load_instances`: the same skips, repairs and id shifts;
+:func:`read_ground_truth`), and the detections follow it (:func:`results_for_reading`).
+Detections with a zero-area box are dropped, as lvis-api drops them (LVIS: after the per-image
+cap, as ``LVISResults``; COCO bbox: before pycocotools, which would score them as false
+positives); callers count them with :func:`zero_area_detections`. :func:`recall_caps` says
+where the detection cap limits recall.
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ from collections import Counter, defaultdict
 from numbers import Real
 
 import numpy as np
+
+from ..data.coco_json import InstanceDataset, load_instances
 
 LVIS_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf", "AR", "ARs", "ARm", "ARl")
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "ARs", "ARm", "ARl")
@@ -80,13 +91,53 @@ class EvalInputError(ValueError):
 
 def load_json(source, what: str):
     """`source` is a path (str / PathLike) or an already-loaded object."""
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source) as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{what} file {os.fspath(source)!r} is not valid JSON: {e}") from e
-    return source
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise EvalInputError(f"{what} file {path!r} does not exist (expected a JSON file)") from None
+    except IsADirectoryError:
+        raise EvalInputError(f"{what} file {path!r} is a directory (expected a JSON file)") from None
+    except OSError as e:
+        raise EvalInputError(f"{what} file {path!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"{what} file {path!r} is not UTF-8 text (bad byte at offset {e.start}; expected JSON)") from None
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{what} file {path!r} is not valid JSON: {e}") from None
+
+
+def read_ground_truth(path) -> tuple[dict, InstanceDataset]:
+    """(ground truth JSON, the reading) of a COCO / LVIS file, read as the training data reads
+    it: the same skips, repairs and id shifts (warned about and counted in ``reading.log``)."""
+    reading = load_instances(path)
+    return reading.to_json(), reading
+
+
+def results_for_reading(dets, reading: InstanceDataset) -> tuple[list, int]:
+    """(detections, how many were left out) for ground truth read by :func:`read_ground_truth`:
+    detections on images or of categories that the reading skipped are left out (skipped
+    everywhere), and ids are shifted as the reading shifted the file's (a zero-based file).
+    Anything that is not a list of objects is returned as it is, for validation to report."""
+    if not isinstance(dets, list):
+        return dets, 0
+    skipped_images, skipped_categories = reading.skipped_ids.get("image", ()), reading.skipped_ids.get("category", ())
+    kept = [d for d in dets if not (isinstance(d, dict) and (d.get("image_id") in skipped_images or d.get("category_id") in skipped_categories))]
+    image, category = reading.id_offsets.get("image", 0), reading.id_offsets.get("category", 0)
+    if image or category:
+        shift = lambda v, n: v + n if _is_int(v) else v  # noqa: E731  (bad ids are reported by validation)
+        kept = [{**d, "image_id": shift(d.get("image_id"), image), "category_id": shift(d.get("category_id"), category)}
+                if isinstance(d, dict) else d for d in kept]  # fmt: skip
+    return kept, len(dets) - len(kept)
+
+
+def with_masks_only(gt: dict) -> tuple[dict, int]:
+    """(ground truth for segm evaluation, annotations left out): those whose segmentation the
+    reading dropped as invalid (it keeps their box), as every mask consumer skips them."""
+    kept = [a for a in gt["annotations"] if "segmentation" in a]
+    return {**gt, "annotations": kept}, len(gt["annotations"]) - len(kept)
 
 
 def _is_int(v) -> bool:
@@ -104,17 +155,18 @@ def _is_number(v) -> bool:
         return False
 
 
-def gt_format(gt: dict) -> str:
-    """'lvis' if every category has a ``frequency``, 'coco' if none has."""
+def gt_format(gt: dict, source: str = "ground truth") -> str:
+    """'lvis' if every category has a ``frequency``, 'coco' if none has. ``source`` names the
+    ground truth in errors (e.g. its file)."""
     cats = gt.get("categories") if isinstance(gt, dict) else None
     if not isinstance(cats, list) or not cats:
-        raise EvalInputError("ground truth: 'categories' must be a non-empty list")
+        raise EvalInputError(f"{source}: 'categories' must be a non-empty list")
     has = [isinstance(c, dict) and "frequency" in c for c in cats]
     if all(has):
         return "lvis"
     if not any(has):
         return "coco"
-    raise EvalInputError(f"ground truth: categories[{has.index(False)}] has no 'frequency' while others do "
+    raise EvalInputError(f"{source}: categories[{has.index(False)}] has no 'frequency' while others do "
                          "(LVIS needs it on every category, COCO on none)")
 
 
@@ -123,51 +175,58 @@ def _unique_ids(entries: list, what: str, positive: bool = False) -> set[int]:
     ids: set[int] = set()
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            raise EvalInputError(f"ground truth {what}[{i}]: not an object")
+            raise EvalInputError(f"{what}[{i}]: not an object")
         if not _is_int(e.get("id")) or (positive and e["id"] <= 0):
-            raise EvalInputError(f"ground truth {what}[{i}]: 'id' must be a{' positive' if positive else 'n'} integer")
+            raise EvalInputError(f"{what}[{i}]: 'id' must be a{' positive' if positive else 'n'} integer")
         if e["id"] in ids:
-            raise EvalInputError(f"ground truth {what}[{i}]: duplicate id {e['id']}")
+            raise EvalInputError(f"{what}[{i}]: duplicate id {e['id']}")
         ids.add(e["id"])
     return ids
 
 
-def validate_gt(gt: dict, fmt: str, iou_type: str) -> None:
+def validate_gt(gt: dict, fmt: str, iou_type: str, source: str = "ground truth") -> None:
+    """Raise EvalInputError naming ``source`` and the first bad entry."""
+    try:
+        _validate_gt(gt, fmt, iou_type)
+    except EvalInputError as e:
+        raise EvalInputError(f"{source}: {e}") from None
+
+
+def _validate_gt(gt: dict, fmt: str, iou_type: str) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(gt.get(key), list):
-            raise EvalInputError(f"ground truth: '{key}' must be a list")
+            raise EvalInputError(f"'{key}' must be a list")
     cat_ids = _unique_ids(gt["categories"], "categories")
     for i, c in enumerate(gt["categories"]):
         if fmt == "lvis" and c["frequency"] not in FREQUENCIES:
-            raise EvalInputError(f"ground truth categories[{i}] (id {c['id']}): frequency must be one of "
-                                 f"{FREQUENCIES}, got {c['frequency']!r}")
+            raise EvalInputError(f"categories[{i}] (id {c['id']}): frequency must be one of {FREQUENCIES}, got {c['frequency']!r}")
     img_ids = _unique_ids(gt["images"], "images")
     for i, im in enumerate(gt["images"]):
         for key in ("width", "height"):
             if not _is_int(im.get(key)) or im[key] <= 0:
-                raise EvalInputError(f"ground truth images[{i}] (id {im['id']}): '{key}' must be a positive integer")
+                raise EvalInputError(f"images[{i}] (id {im['id']}): '{key}' must be a positive integer")
         if fmt == "lvis":
             for key in ("neg_category_ids", "not_exhaustive_category_ids"):
                 if not isinstance(im.get(key), list):
-                    raise EvalInputError(f"ground truth images[{i}] (id {im['id']}): LVIS needs a '{key}' list")
-    # Both evaluators store matched annotation ids with 0 meaning "unmatched": ids must be > 0.
+                    raise EvalInputError(f"images[{i}] (id {im['id']}): LVIS needs a '{key}' list")
+    # Both evaluators store matched annotation ids with 0 meaning "unmatched": ids must be > 0
+    # (load_instances shifts zero-based files).
     _unique_ids(gt["annotations"], "annotations", positive=True)
     for i, a in enumerate(gt["annotations"]):
+        where = f"annotations[{i}] (id {a['id']})"
         if a.get("image_id") not in img_ids:
-            raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): unknown image_id "
-                                 f"{a.get('image_id')!r}")
+            raise EvalInputError(f"{where}: unknown image_id {a.get('image_id')!r}")
         if a.get("category_id") not in cat_ids:
-            raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): unknown category_id "
-                                 f"{a.get('category_id')!r}")
+            raise EvalInputError(f"{where}: unknown category_id {a.get('category_id')!r}")
         if not _is_number(a.get("area")):
-            raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): 'area' must be a finite number")
+            raise EvalInputError(f"{where}: 'area' must be a finite number")
         bbox = a.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): 'bbox' must be 4 finite numbers")
+            raise EvalInputError(f"{where}: 'bbox' must be 4 finite numbers")
         if iou_type == "segm" and "segmentation" not in a:
-            raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): no 'segmentation' (needed for segm)")
+            raise EvalInputError(f"{where}: no 'segmentation' (needed for segm)")
         if fmt == "coco" and "iscrowd" not in a:
-            raise EvalInputError(f"ground truth annotations[{i}] (id {a['id']}): COCO format needs 'iscrowd'")
+            raise EvalInputError(f"{where}: COCO format needs 'iscrowd'")
 
 
 def _detection_problem(d, imgs: dict, cat_ids: set, iou_type: str, first_has_bbox: bool) -> str | None:
@@ -197,8 +256,8 @@ def _detection_problem(d, imgs: dict, cat_ids: set, iou_type: str, first_has_bbo
         x, y, w, h = bbox
         if not (_is_number(x) and _is_number(y) and _is_number(w) and _is_number(h)):
             return f"bbox values must be finite numbers, got {bbox!r}"
-        if w <= 0 or h <= 0:
-            return f"bbox width and height must be > 0, got {bbox!r}"
+        if w < 0 or h < 0:  # zero-area boxes are valid results, dropped before scoring (as lvis-api does)
+            return f"bbox width and height must be >= 0, got {bbox!r}"
     elif first_has_bbox:
         # LVISResults takes the area of every mask result from its box when the first result has
         # one, and crashes on a later result without: require all or none.
@@ -214,10 +273,11 @@ def _detection_problem(d, imgs: dict, cat_ids: set, iou_type: str, first_has_bbo
     return None
 
 
-def validate_detections(dets, gt: dict, iou_type: str) -> None:
-    """Raise EvalInputError naming the first bad entry (index, and image where known)."""
+def validate_detections(dets, gt: dict, iou_type: str, source: str = "detections") -> None:
+    """Raise EvalInputError naming ``source`` (e.g. the file) and the first bad entry (index, and
+    image where known)."""
     if not isinstance(dets, list):
-        raise EvalInputError(f"detections must be a JSON list of objects, got {type(dets).__name__}")
+        raise EvalInputError(f"{source} must be a JSON list of objects, got {type(dets).__name__}")
     imgs = {im["id"]: im for im in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     first_has_bbox = bool(dets) and type(dets[0]) is dict and "bbox" in dets[0]
@@ -226,7 +286,7 @@ def validate_detections(dets, gt: dict, iou_type: str) -> None:
         if problem:
             img_id = d.get("image_id") if type(d) is dict else None
             known = _is_int(img_id) and img_id in imgs
-            raise EvalInputError(f"detections[{i}]" + (f" (image_id {img_id})" if known else "") + f": {problem}")
+            raise EvalInputError(f"{source}[{i}]" + (f" (image_id {img_id})" if known else "") + f": {problem}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +314,47 @@ def top_k_per_category(dets: list[dict], k: int) -> list[dict]:
     for d in dets:
         by_cat[d["category_id"]].append(d)
     return [d for anns in by_cat.values() for d in sorted(anns, key=lambda d: d["score"], reverse=True)[:k]]
+
+
+def _zero_area(d: dict) -> bool:
+    box = d.get("bbox")
+    return box is not None and box[2] * box[3] == 0
+
+
+def zero_area_detections(dets: list[dict], fmt: str, iou_type: str) -> int:
+    """How many (validated) detections :func:`evaluate_lvis` drops for a zero-area box: in bbox
+    evaluation, and in LVIS segm evaluation (lvis-api takes a result's area from its box);
+    pycocotools scores COCO segm results by their masks."""
+    if fmt == "coco" and iou_type == "segm":
+        return 0
+    return sum(map(_zero_area, dets))
+
+
+def recall_caps(gt: dict, dets: list[dict], protocol: str = "standard", max_dets: int | None = None,
+                dets_per_cat: int = FIXED_AP_DETS_PER_CAT) -> dict:  # fmt: skip
+    """Where the protocol's detection cap limits recall. The cap applies per image (LVIS
+    standard: ``LVISResults``), per image and category (COCO: pycocotools' ``maxDets``) or per
+    category (Fixed AP). Returns the cap, its group, the ground-truth groups holding more
+    objects than the cap (even perfect detections cannot reach AP 1 there), the largest group,
+    and the groups / detections the cap cuts."""
+    fmt = gt_format(gt)
+    if protocol == "fixed":
+        per, cap, key = "category", dets_per_cat, lambda a: a["category_id"]
+    elif fmt == "lvis":
+        per, cap, key = "image", max_dets or LVIS_MAX_DETS, lambda a: a["image_id"]
+    else:
+        per, cap, key = "image and category", max_dets or COCO_MAX_DETS, lambda a: (a["image_id"], a["category_id"])
+    objects = Counter(key(a) for a in gt["annotations"] if not (fmt == "coco" and a.get("iscrowd")))
+    results = Counter(key(d) for d in dets)
+    cut = [n - cap for n in results.values() if n > cap]
+    return {"cap": cap, "per": per, "gt_groups_over_cap": sum(n > cap for n in objects.values()),
+            "max_gt_per_group": max(objects.values(), default=0), "groups_cut": len(cut), "detections_cut": sum(cut)}  # fmt: skip
+
+
+def detections_per_image(fmt: str, topk: int) -> int:
+    """A detector's per-image output cap under the format's protocol: ``topk`` for LVIS,
+    at most COCO's 100 for COCO."""
+    return topk if fmt == "lvis" else min(topk, COCO_MAX_DETS)
 
 
 def _select(dets: list[dict], protocol: str, max_dets: int, dets_per_cat: int) -> tuple[list[dict], int]:
@@ -289,14 +390,19 @@ def evaluate_lvis(
     max_dets: int | None = None,
     fast: bool = True,
     dets_per_cat: int = FIXED_AP_DETS_PER_CAT,
+    *,
+    dets_source: str | None = None,
 ) -> dict[str, float]:
     """Evaluate detections against LVIS (or COCO) ground truth.
 
-    gt: path or dict (LVIS or COCO format). dets: path or list of result dicts
-    (``image_id``, ``category_id``, ``score``, ``bbox`` [x, y, w, h] and/or ``segmentation``
-    as compressed RLE). Inputs are never modified.
-    max_dets: per-image cap for the standard protocol (default 300 for LVIS, 100 for COCO);
-    unused by ``fixed``, which caps per category at ``dets_per_cat`` instead.
+    gt: path or dict (LVIS or COCO format); a path is read by :func:`read_ground_truth` (the
+    training data's reading) and the detections' ids are shifted as its ids were.
+    dets: path or list of result dicts (``image_id``, ``category_id``, ``score``, ``bbox``
+    [x, y, w, h] and/or ``segmentation`` as compressed RLE). Inputs are never modified.
+    max_dets: the standard protocol's cap, per image for LVIS (default 300), per image and
+    category for COCO (pycocotools' maxDets, default 100); unused by ``fixed``, which caps per
+    category at ``dets_per_cat`` instead. Zero-area boxes are dropped (module docstring).
+    dets_source: how errors name the detections (default: their file, or "detections").
     Returns floats keyed by LVIS_METRICS (COCO_METRICS for COCO-format ground truth).
     AR is the recall at the same detection budget as AP.
     """
@@ -304,20 +410,33 @@ def evaluate_lvis(
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    gt = load_json(gt, "ground truth")
+    for name, value in (("max_dets", max_dets), ("dets_per_cat", dets_per_cat)):
+        if value is not None and not (_is_int(value) and value > 0):
+            raise EvalInputError(f"{name} must be a positive integer, got {value!r}")
+    source = "ground truth"
+    if dets_source is None:
+        dets_source = f"detections {os.fspath(dets)}" if isinstance(dets, (str, os.PathLike)) else "detections"
     dets = load_json(dets, "detections")
-    fmt = gt_format(gt)
-    validate_gt(gt, fmt, iou_type)
-    validate_detections(dets, gt, iou_type)
+    if isinstance(gt, (str, os.PathLike)):
+        source = f"ground truth {os.fspath(gt)}"
+        gt, reading = read_ground_truth(gt)
+        dets, left_out = results_for_reading(dets, reading)
+        if left_out:
+            warnings.warn(f"{left_out} detections on images / of categories skipped in {source} are left out", stacklevel=2)
+        if iou_type == "segm":
+            gt, _ = with_masks_only(gt)  # the reading warned about each dropped segmentation
+    fmt = gt_format(gt, source)
+    validate_gt(gt, fmt, iou_type, source)
+    validate_detections(dets, gt, iou_type, dets_source)
 
     if fmt == "coco":
         if protocol != "standard":
             raise ValueError("the fixed protocol is defined for LVIS (federated) ground truth only")
+        if iou_type == "bbox":
+            dets = [d for d in dets if not _zero_area(d)]
         return _coco_reference(gt, dets, iou_type, COCO_MAX_DETS if max_dets is None else max_dets)
 
     max_dets = LVIS_MAX_DETS if max_dets is None else max_dets
-    if max_dets <= 0 or dets_per_cat <= 0:
-        raise ValueError("max_dets and dets_per_cat must be positive")
     selected, results_max_dets = _select(dets, protocol, max_dets, dets_per_cat)
     if fast and any(a.get("ignore") for a in gt["annotations"]):
         warnings.warn("ground truth has 'ignore' flags, which faster-coco-eval cannot honour the way the "
@@ -367,14 +486,16 @@ def _lvis_reference(gt: dict, dets: list[dict], iou_type: str, results_max_dets:
 # Fast path: faster-coco-eval's C++ core, fed like lvis-api
 
 
+def _mean_defined(s: np.ndarray) -> float:
+    """Mean over the defined entries (-1 = undefined), -1 if none: the official summaries."""
+    s = s[s > -1]
+    return float(np.mean(s)) if s.size else -1.0
+
+
 def _summarize(precision: np.ndarray, recall: np.ndarray, freq_groups: list[list[int]]) -> dict[str, float]:
     """LVISEval.summarize on precision [T, R, K, A] and recall [T, K, A] (areas all/s/m/l)."""
     iou_thrs = np.linspace(0.5, 0.95, 10)
-
-    def mean(s):
-        s = s[s > -1]
-        return float(np.mean(s)) if s.size else -1.0
-
+    mean = _mean_defined
     t50, t75 = np.where(iou_thrs == 0.5)[0], np.where(iou_thrs == 0.75)[0]
     res = {
         "AP": mean(precision[..., 0]),
@@ -540,6 +661,15 @@ def _coco_reference(gt: dict, dets: list[dict], iou_type: str, max_dets: int) ->
         ev.params.maxDets = [1, 10, max_dets]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    s = [float(v) for v in ev.stats]
-    return dict(zip(COCO_METRICS, s[0:6] + s[8:12]))
+    return _coco_summary(ev.eval["precision"], ev.eval["recall"], ev.params.maxDets.index(max_dets))
+
+
+def _coco_summary(precision: np.ndarray, recall: np.ndarray, m: int) -> dict[str, float]:
+    """COCOeval.summarize's AP / AR values, all read at maxDets index ``m``: summarize() reads
+    AP at a hard-coded 100 detections and returns -1 for any other cap. precision [T, R, K, A, M],
+    recall [T, K, A, M]; areas all/s/m/l; IoU thresholds 0.50:0.05:0.95."""
+    mean = _mean_defined
+    p, r = precision[..., m], recall[..., m]
+    return {"AP": mean(p[..., 0]), "AP50": mean(p[0, ..., 0]), "AP75": mean(p[5, ..., 0]),
+            "APs": mean(p[..., 1]), "APm": mean(p[..., 2]), "APl": mean(p[..., 3]),
+            "AR": mean(r[..., 0]), "ARs": mean(r[..., 1]), "ARm": mean(r[..., 2]), "ARl": mean(r[..., 3])}  # fmt: skip

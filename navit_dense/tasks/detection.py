@@ -9,13 +9,20 @@ to original pixels through the pre-packing size and the augmentation scale carri
 targets. Rare classes are helped by repeat-factor sampling (a per-epoch list of repeated
 image indices the engine's token-budget sampler consumes, see ``repeat_factors``) and by the
 federated loss (only positives, verified negatives and sampled categories count per image).
+
+Ground truth is read once per file (``load_instances``): the datasets and the evaluator use the
+same reading, so an annotation skipped or repaired for training is skipped or repaired in
+evaluation too (the evaluator scores ``InstanceDataset.to_json()``). COCO-format ground truth is
+evaluated with the COCO protocol (at most 100 detections per image, COCO metric names).
+Dense scenes are checked when a split is built (see ``_check_recall_caps``).
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import math
+import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +30,7 @@ import torch.nn as nn
 
 from ..data import PackedBatch
 from ..data.coco_json import InstanceDataset, load_instances
+from ..data.decode import BadInputWarning
 from ..data.detection import (
     CategoryMap,
     Compose,
@@ -33,10 +41,11 @@ from ..data.detection import (
     ScaleJitter,
     detection_targets,
 )
-from ..data.resize import scale_budgets
+from ..data.resize import budget_grid, scale_budgets
 from ..engine.config import DataConfig, ModelConfig
 from ..engine.task import LossContext, PackPlan, Task, register_task
 from ..evaluation.evaluators import LvisEvaluator
+from ..evaluation.lvis_eval import detections_per_image
 from ..losses.detection import DetectionLoss, DetectionLossConfig, FederatedClassSampler
 from ..models.heads.owl import DetectorOutput, OwlDetector, OwlHead, check_query_order, owl_detector_from_hf, word_embeddings
 
@@ -103,7 +112,8 @@ class DetectionTask(Task):
         self._instances: dict[str, InstanceDataset] = {}  # loaded annotation files, by path
         self._datasets: dict[str, LvisDetectionDataset] = {}
         self._loss: DetectionLoss | None = None
-        self._gt: dict | None = None  # val ground truth, loaded once for all evaluations
+        self._gt: dict | None = None  # val ground truth (the datasets' reading as JSON), built once for all evaluations
+        self._patch_size: int | None = None  # the built model's, for the dense-scene check
 
     # ---- categories and files ----
     def instances(self, path: str) -> InstanceDataset:
@@ -153,6 +163,7 @@ class DetectionTask(Task):
                 check_query_order(m.class_embeddings, cats.category_ids)
             except ValueError as e:
                 raise ValueError(f"model.class_embeddings {e}") from None
+        self._patch_size = detector.backbone.patch_size
         return detector
 
     # ---- data ----
@@ -168,10 +179,39 @@ class DetectionTask(Task):
                 lo, hi = d.scale_jitter
                 steps = [RandomHorizontalFlip(d.flip_prob), RandomCrop(d.min_crop, 1.0, p=d.crop_prob), ScaleJitter(lo, hi), *steps]
             ds = LvisDetectionDataset(self.instances(path), root, Compose(steps), repeat_threshold=d.repeat_threshold if train else 0.0)
-            if ds.categories.category_ids != self.categories().category_ids:
-                raise ValueError(f"{path}: its category list differs from {d.val_json or d.train_json} (the model's classes)")
+            model_classes = self.categories()
+            if (ds.categories.category_ids, ds.categories.names) != (model_classes.category_ids, model_classes.names):
+                raise ValueError(f"{path}: its category list (ids and names) differs from {d.val_json or d.train_json} (the model's classes)")
+            self._check_recall_caps(ds, split)
             self._datasets[split] = ds
         return self._datasets[split]
+
+    def _check_recall_caps(self, ds: LvisDetectionDataset, split: str) -> None:
+        """Dense scenes: each kept patch token predicts one box, and evaluation keeps data.topk
+        detections per image (COCO: at most 100), so an image holding more objects cannot be
+        fully recalled. One warning per split, counts in the split's ``skip_summary()``. The
+        token count is that of the configured budget (before token dropping), known once the
+        model is built (the trainer and the tools build it first)."""
+        d = self.cfg.data
+        limits = {}
+        if self._patch_size:
+            grid = functools.cache(lambda h, w: math.prod(budget_grid(h, w, self._patch_size, d.max_tokens_per_image, d.max_side)))
+            limits["more_objects_than_tokens"] = (lambda i: grid(*ds.image_size(i)),
+                                                  f"kept tokens at data.max_tokens_per_image={d.max_tokens_per_image} (one box per token)")  # fmt: skip
+        if split == "val":
+            cap = detections_per_image(ds.instances.flavor, d.topk)
+            coco = " and the COCO protocol's 100" if ds.instances.flavor == "coco" else ""
+            limits["more_objects_than_topk"] = (lambda i: cap, f"the {cap} detections kept per image (data.topk={d.topk}{coco})")
+        objects = [ds.num_objects(i) for i in range(len(ds))]
+        notes = []
+        for key, (limit, what) in limits.items():
+            over = [(i, n, limit(i)) for i, n in enumerate(objects) if n > limit(i)]
+            ds.recall_capped[key] = len(over)
+            if over:
+                i, n, lim = max(over, key=lambda o: o[1] - o[2])
+                notes.append(f"{len(over)} image(s) hold more objects than {what}, e.g. {ds.images[i].file_name!r}: {n} objects, limit {lim}")
+        if notes:
+            warnings.warn(f"{ds.instances.path} ({split} split): recall is capped in dense scenes: " + "; ".join(notes), BadInputWarning, stacklevel=2)
 
     def collate(self, samples: list, plan: PackPlan):
         # Budget scale jitter multiplies each image's token budget (capped at one sequence).
@@ -224,5 +264,6 @@ class DetectionTask(Task):
         if not d.val_json:
             raise ValueError("detection evaluation needs data.val_json")
         if self._gt is None:
-            self._gt = json.loads(Path(d.val_json).read_text())
-        return LvisEvaluator(self._gt, self.categories().category_ids, d.topk, d.nms_iou or None, d.score_thresh, d.use_objectness)
+            self._gt = self.instances(d.val_json).to_json()
+        return LvisEvaluator(self._gt, self.categories().category_ids, d.topk, d.nms_iou or None, d.score_thresh, d.use_objectness,
+                             source=f"data.val_json {d.val_json}")  # fmt: skip
