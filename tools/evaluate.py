@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import navit_dense.tasks  # noqa: F401  (registers the built-in tasks)
+from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import ConfigError, load_config, option_help
-from navit_dense.engine.distributed import shutdown
+from navit_dense.engine.distributed import CollectiveTimeoutError, shutdown
+from navit_dense.engine.logger import error_message
 from navit_dense.engine.task import task_names
 from navit_dense.engine.trainer import evaluate_checkpoint
 
@@ -38,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     ema = {"auto": None, "ema": True, "model": False}[args.weights]
     try:
-        metrics, path = evaluate_checkpoint(cfg, args.checkpoint, ema=ema, split=args.split)
-    except (FileNotFoundError, ValueError) as e:
+        path = ckpt.resolve(args.checkpoint)  # every file checked before the evaluation, not after it
+        step = ckpt.read_meta(path)["train_state"]["step"]
+        metrics, path = evaluate_checkpoint(cfg, path, ema=ema, split=args.split)
+    except (OSError, ValueError) as e:  # a missing or corrupt checkpoint, a bad evaluation item, a config mismatch
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except CollectiveTimeoutError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         shutdown()
-    step = json.loads((path / "meta.json").read_text())["train_state"]["step"]
     record = {"checkpoint": str(path), "step": step, "split": args.split, "weights": args.weights, "metrics": metrics}
     out = Path(args.output) if args.output else path.parent / f"eval_{path.name}_{args.split}.json"
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes

@@ -11,10 +11,13 @@ import argparse
 import sys
 
 import navit_dense.tasks  # noqa: F401  (registers the built-in tasks)
+from navit_dense.data.decode import DataError
+from navit_dense.engine.checkpoint import CheckpointError
 from navit_dense.engine.config import ConfigError, load_config, option_help
-from navit_dense.engine.distributed import shutdown
+from navit_dense.engine.distributed import CollectiveTimeoutError, shutdown
+from navit_dense.engine.logger import error_message
 from navit_dense.engine.task import task_names
-from navit_dense.engine.trainer import NonFiniteLossError, train
+from navit_dense.engine.trainer import NonFiniteLossError, NoUsableDataError, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         train(cfg, resume=args.resume)
-    except (NonFiniteLossError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:  # bad input, named in the message
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, NoUsableDataError, CollectiveTimeoutError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

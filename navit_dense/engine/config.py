@@ -162,6 +162,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5  # stop after this many skipped NaN/inf steps in a row
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn only)
     find_unused_parameters: bool = False  # DDP option, for heads that skip parameters on some steps
+    # DDP: longest wait in a collective (gradient all-reduce, barrier, rank 0's evaluation merge)
+    # before the run stops with an error, e.g. when another rank was stopped or hangs.
+    collective_timeout_s: float = 1800.0
     device: str = "auto"  # auto | cpu | cuda
 
 

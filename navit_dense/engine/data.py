@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import PackedBatch, ResolutionSampler, TokenDrop
 from ..data.decode import BadInputWarning, DataError
 from .sampler import SampleKey, TokenBudgetSampler
-from .task import PackPlan, Task
+from .task import PackPlan, SmallImageError, Task
 
 
 @dataclass
 class MicroBatch:
-    batch: PackedBatch
+    batch: PackedBatch | None  # None: every sample of this rank's share was skipped (training only)
     targets: Any
     epoch: int
     step: int  # step within the epoch
@@ -64,6 +64,11 @@ class _KeyedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def describe(self, index: int) -> str:
+        """The item's index, and its file when the dataset says (``image_file``)."""
+        image_file = getattr(self.dataset, "image_file", None)
+        return f"{index} ({image_file(index)})" if image_file is not None else str(index)
+
     def __getitem__(self, key: SampleKey):
         # Repeats of an image within an epoch (repeat-factor sampling) get their own augmentation.
         entropy = [self.seed, key.epoch, key.index] + ([key.repeat] if key.repeat else [])
@@ -84,18 +89,31 @@ class _KeyedDataset(Dataset):
 
 
 class Collator:
-    def __init__(self, task: Task, **pack):
-        self.task, self.pack = task, pack
+    """Packs the samples of one micro-batch (this rank's share). A training sample whose image
+    ends up smaller than one patch is skipped like a DataError; if nothing is left the
+    micro-batch is empty (``batch`` None) and the trainer deals with it on every rank."""
+
+    def __init__(self, task: Task, describe=str, **pack):
+        self.task, self.describe, self.pack = task, describe, pack
 
     def __call__(self, items: list[tuple[SampleKey, Any]]) -> MicroBatch:
         first = items[0][0]
         kept = [(k, s) for k, s in items if not isinstance(s, Skipped)]
-        if not kept:
-            raise RuntimeError(f"every sample of micro-batch (epoch {first.epoch}, step {first.step}) was skipped by the dataset")
-        plan = PackPlan(max_tokens=[k.budget for k, _ in kept], seed=[k.seed for k, _ in kept], **self.pack)
-        batch, targets = self.task.collate([s for _, s in kept], plan)
         skipped = Counter(s.reason for _, s in items if isinstance(s, Skipped))
-        return MicroBatch(batch, targets, first.epoch, first.step, dict(skipped))
+        while kept:
+            plan = PackPlan(max_tokens=[k.budget for k, _ in kept], seed=[k.seed for k, _ in kept], **self.pack)
+            try:
+                batch, targets = self.task.collate([s for _, s in kept], plan)
+            except SmallImageError as e:
+                key, _ = kept.pop(e.position)
+                if not self.pack["train"]:
+                    raise DataError(f"evaluation item {self.describe(key.index)}", "smaller_than_patch",
+                                    f"{e}; evaluation never drops images: remove it from the evaluation set") from None  # fmt: skip
+                warnings.warn(f"training sample {self.describe(key.index)} skipped (smaller_than_patch): {e}", BadInputWarning, stacklevel=2)
+                skipped["smaller_than_patch"] += 1
+                continue
+            return MicroBatch(batch, targets, first.epoch, first.step, dict(skipped))
+        return MicroBatch(None, None, first.epoch, first.step, dict(skipped))
 
 
 def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens: int, train: bool, world_size: int, rank: int) -> DataLoader:
@@ -125,8 +143,10 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         # Optional dataset hook (e.g. LVIS repeat factors); only training repeats images.
         repeat_factors=dataset.repeat_factors() if train and hasattr(dataset, "repeat_factors") else None,
     )
+    keyed = _KeyedDataset(dataset, cfg.seed, train)
     collate = Collator(
         task,
+        describe=keyed.describe,
         patch_size=patch_size,
         seq_len=d.seq_len,
         num_prefix_tokens=num_prefix_tokens,
@@ -136,7 +156,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         train=train,
     )
     return DataLoader(
-        _KeyedDataset(dataset, cfg.seed, train),
+        keyed,
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=d.num_workers,
@@ -147,15 +167,16 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
     )
 
 
-def epochs(loader: DataLoader, epoch: int, start_step: int) -> Iterator[MicroBatch]:
-    """Micro-batches from (epoch, start_step) on, across epoch boundaries, forever."""
+def steps(loader: DataLoader, epoch: int, start_step: int) -> Iterator[list[MicroBatch]]:
+    """The micro-batches of each optimizer step from (epoch, start_step) on, across epoch
+    boundaries, forever (an epoch's last step may hold fewer than train.grad_accum)."""
     sampler: TokenBudgetSampler = loader.batch_sampler
     while True:
         sampler.set_epoch(epoch, start_step)
-        if sampler.steps_in_epoch(epoch) == 0:
-            raise RuntimeError(
-                f"epoch {epoch} has no complete step: the training set holds fewer tokens than "
-                f"data.tokens_per_batch x train.grad_accum ({sampler.tokens_per_batch} x {sampler.grad_accum})"
-            )
-        yield from loader
+        group: list[MicroBatch] = []
+        for m in loader:
+            group.append(m)
+            if len(group) == sampler.micros_in_step(epoch, m.step):
+                yield group
+                group = []
         epoch, start_step = epoch + 1, 0

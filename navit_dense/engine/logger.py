@@ -12,6 +12,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 
+def error_message(error: BaseException) -> str:
+    """One line for the tools' ``error:`` output: an OSError as 'path: reason' (not a bare
+    '[Errno 2] ...'), anything else as its message."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -23,30 +31,35 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _step_of(line: str) -> float:
+def _kept(line: str, start_step: int, redo_eval: bool) -> bool:
+    """Whether a metrics.jsonl record survives a (re)start at ``start_step``."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+        record = json.loads(line)
+        step, kind = record["step"], record["kind"]
+    except (ValueError, KeyError, TypeError):  # a last line cut short by a kill
+        return False
+    return step < start_step or (step == start_step and not (redo_eval and kind == "eval"))
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True, redo_eval: bool = False):
+        """``start_step``: the restored step (0 without a checkpoint); ``redo_eval``: the
+        evaluation at that step is run again."""
         self.enabled = enabled
         self.total, self.start = total_steps, start_step
         self.t0 = time.monotonic()
         if not enabled:
             return
         self.jsonl_path = run_dir / "metrics.jsonl"
-        if start_step and self.jsonl_path.exists():
-            # A resumed run redoes the steps after its checkpoint: drop their old records (and
-            # a last line cut short by the kill).
-            kept = [line for line in self.jsonl_path.read_text().splitlines() if _step_of(line) <= start_step]
+        if self.jsonl_path.exists():
+            # The run redoes every step after its checkpoint (all of them when it was stopped
+            # before the first one): drop their old records so no step appears twice.
+            kept = [line for line in self.jsonl_path.read_text().splitlines() if _kept(line, start_step, redo_eval)]
             self.jsonl_path.write_text("".join(line + "\n" for line in kept))
         self.jsonl = open(self.jsonl_path, "a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) if sys.stderr.isatty() else None
 
     def _record(self, record: dict) -> None:

@@ -7,8 +7,11 @@ Every rank computes the same epoch plan from the seed alone (no communication):
 2. give each image its token budget (fixed, or sampled per epoch with a ResolutionSampler)
    and its token cost from its size alone (``budget_grid``, before any decoding);
 3. cut the order into GLOBAL micro-batches of about ``tokens_per_batch`` tokens (never fewer
-   images than ranks), and group ``grad_accum`` of them into one optimizer step; the
-   incomplete tail is dropped while training so every rank runs the same number of steps;
+   images than ranks; an image larger than the budget is a micro-batch of its own), and group
+   ``grad_accum`` of them into one optimizer step. Nothing is dropped: the last micro-batch
+   and the last step of an epoch may be smaller (a last micro-batch with fewer images than
+   ranks joins the one before it), and losses are normalized by the step's own global
+   counts, so a smaller step is still the loss of its whole (smaller) batch;
 4. split each micro-batch across ranks by tokens (longest first onto the least loaded rank),
    so ranks get near-equal token counts, and yield this rank's share.
 
@@ -81,6 +84,11 @@ class TokenBudgetSampler:
     ):
         if not sizes:
             raise ValueError("the dataset is empty")
+        if train and len(sizes) < world_size:
+            raise ValueError(
+                f"the training set holds {len(sizes)} image(s) for {world_size} ranks: every rank needs at least one "
+                f"image per micro-batch; train with at most {len(sizes)} processes"
+            )
         if repeat_factors is not None:
             repeat_factors = np.asarray(repeat_factors, dtype=np.float64)
             if repeat_factors.shape != (len(sizes),) or (repeat_factors < 1).any():
@@ -131,10 +139,12 @@ class TokenBudgetSampler:
                     current, tokens = [], 0
                 current.append(i)
                 tokens += costs[i]
-            if current and not self.train:  # training drops the incomplete tail
+            if len(current) < self.world_size and micros and self.train:
+                micros[-1] += current  # every rank gets an image of every training micro-batch
+            elif current:
                 micros.append(current)
             k = self.grad_accum
-            steps = [micros[j : j + k] for j in range(0, len(micros) - len(micros) % k, k)]
+            steps = [micros[j : j + k] for j in range(0, len(micros), k)]
             self._plans = {epoch: (budgets, costs, steps)}  # keep only the current epoch
         return self._plans[epoch]
 
@@ -152,6 +162,10 @@ class TokenBudgetSampler:
 
     def steps_in_epoch(self, epoch: int) -> int:
         return len(self.plan(epoch)[2])
+
+    def micros_in_step(self, epoch: int, step: int) -> int:
+        """Micro-batches of one step (``grad_accum``, fewer in an epoch's last step)."""
+        return len(self.plan(epoch)[2][step])
 
     def _shards(self) -> Iterator[list[SampleKey]]:
         budgets, costs, steps = self.plan(self.epoch)

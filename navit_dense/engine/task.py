@@ -32,7 +32,7 @@ from ..models.pretrained import load_pretrained
 from .config import DataConfig, ModelConfig
 from .registry import get_task, register_task, task_names
 
-__all__ = ["Evaluator", "LossContext", "PackPlan", "Task", "TaskDataset", "get_task", "register_task", "task_names"]
+__all__ = ["Evaluator", "LossContext", "PackPlan", "SmallImageError", "Task", "TaskDataset", "get_task", "register_task", "task_names"]
 
 
 class TaskDataset(Protocol):
@@ -49,7 +49,8 @@ class TaskDataset(Protocol):
         not depend on workers, ranks or resumes. A dataset may also offer ``skip_summary() ->
         dict`` (what it dropped while loading, e.g. bad annotations) for the run summary, and
         ``repeat_factors() -> Sequence[float]`` (one value >= 1 per image) to repeat images
-        in every training epoch (LVIS repeat-factor sampling; repeats get their own augmentation)."""
+        in every training epoch (LVIS repeat-factor sampling; repeats get their own augmentation),
+        and ``image_file(index) -> str`` so that warnings and errors about an item name its file."""
 
 
 class Evaluator(Protocol):
@@ -62,6 +63,15 @@ class Evaluator(Protocol):
         """Add the states of the other processes before metrics() is called on rank 0."""
 
     def metrics(self) -> dict[str, float]: ...
+
+
+class SmallImageError(ValueError):
+    """A sample's image (after its transforms) is smaller than one patch, so it has no token.
+    ``position``: the sample's place in the batch (sample order)."""
+
+    def __init__(self, position: int, size: tuple[int, int], patch_size: int):
+        self.position, self.size, self.patch_size = position, size, patch_size
+        super().__init__(f"{size[0]}x{size[1]} is smaller than one {patch_size}x{patch_size} patch")
 
 
 @dataclass
@@ -79,6 +89,11 @@ class PackPlan:
     train: bool = False  # a training batch (augmented, token-dropped) or an evaluation one
 
     def pack(self, images: Sequence[torch.Tensor]) -> PackedBatch:
+        """Raises SmallImageError for an image smaller than one patch (the engine skips that
+        training sample, or names the evaluation item)."""
+        for i, image in enumerate(images):
+            if torch.is_tensor(image) and min(image.shape[-2:]) < self.patch_size:  # pack_images explains other bad inputs
+                raise SmallImageError(i, tuple(image.shape[-2:]), self.patch_size)
         return pack_images(
             images,
             self.patch_size,

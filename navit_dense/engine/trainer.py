@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PACKING_ALGORITHMS, PackedBatch
 from . import checkpoint as ckpt
-from .config import diff_configs, to_object, to_yaml
-from .data import MicroBatch, build_loader, epochs
-from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, init_distributed
+from .config import ConfigError, diff_configs, to_object, to_yaml
+from .data import MicroBatch, build_loader, steps
+from .distributed import (DistEnv, all_reduce_sum, average_gradients, barrier, broadcast_object, collective_errors, gather_objects,
+                          init_distributed)  # fmt: skip
 from .logger import RunLogger
 from .optim import build_ema, build_optimizer, build_scheduler, find_backbone
 from .task import LossContext, Task, get_task
@@ -40,6 +41,10 @@ from .task import LossContext, Task, get_task
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class NoUsableDataError(RuntimeError):
+    """Every training sample of a whole epoch was skipped as bad input."""
 
 
 @dataclass
@@ -55,6 +60,9 @@ class TrainState:
     skipped_samples: int = 0  # training samples dropped for bad input (all ranks)
     best_value: float | None = None
     best_step: int | None = None
+    # The checkpoint of this step is written before the evaluation due at the same step (so a
+    # failing evaluation loses nothing); True until that evaluation is done, so a resume runs it.
+    pending_eval: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -81,21 +89,40 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def check_config(c, env: DistEnv, num_prefix_tokens: int) -> None:
-    """Errors a run would otherwise hit late (or silently)."""
-    t, d = c.train, c.data
+def check_config(c, env: DistEnv) -> None:
+    """Errors a run would otherwise hit late (or silently), as ConfigErrors naming the key."""
+    t, d, o = c.train, c.data, c.optim
     if t.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
     if t.precision == "fp16" and env.device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs CUDA (GradScaler); use bf16 on CPU")
+        raise ConfigError("train.precision=fp16 needs CUDA (GradScaler); use bf16 on CPU")
     if t.best_mode not in ("max", "min"):
-        raise ValueError(f"train.best_mode must be max or min, got {t.best_mode!r}")
-    if t.steps < 1 or t.grad_accum < 1 or t.ckpt_every < 1 or t.log_every < 1 or t.keep_last < 1:
-        raise ValueError("train.steps, grad_accum, ckpt_every, log_every and keep_last must be >= 1")
+        raise ConfigError(f"train.best_mode must be max or min, got {t.best_mode!r}")
+    for key in ("steps", "grad_accum", "ckpt_every", "log_every", "keep_last", "max_consecutive_nonfinite"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if not (math.isfinite(t.collective_timeout_s) and t.collective_timeout_s > 0):
+        raise ConfigError(f"train.collective_timeout_s must be a positive number of seconds, got {t.collective_timeout_s}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0 disables the EMA), got {t.ema_decay}")
+    for key, positive in (("lr", False), ("weight_decay", False), ("clip_grad", False), ("min_lr_ratio", False), ("eps", True), ("layer_decay", True)):
+        value = getattr(o, key)
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ConfigError(f"optim.{key} must be a finite number {'>' if positive else '>='} 0, got {value}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if d.packing not in PACKING_ALGORITHMS:
-        raise ValueError(f"data.packing must be one of {PACKING_ALGORITHMS}, got {d.packing!r}")
+        raise ConfigError(f"data.packing must be one of {PACKING_ALGORITHMS}, got {d.packing!r}")
+    for key in ("max_tokens_per_image", "seq_len", "tokens_per_batch"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
+
+
+def check_capacity(d, num_prefix_tokens: int) -> None:
     if d.max_tokens_per_image + num_prefix_tokens > d.seq_len:
-        raise ValueError(f"data.max_tokens_per_image ({d.max_tokens_per_image}) + {num_prefix_tokens} prefix tokens exceeds data.seq_len ({d.seq_len})")
+        raise ConfigError(f"data.max_tokens_per_image ({d.max_tokens_per_image}) + {num_prefix_tokens} prefix tokens exceeds data.seq_len ({d.seq_len})")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -104,12 +131,24 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _rng_unchanged():
+    """Evaluation leaves the training RNGs as they were, so a run resumed from the checkpoint
+    written just before an evaluation goes on exactly like the run that evaluated."""
+    state = ckpt.rng_state()
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(state)
+
+
 @torch.no_grad()
-def evaluate(task: Task, cfg, model: torch.nn.Module, loader, env: DistEnv) -> dict[str, float]:
-    """Run the task's evaluator over a loader (each rank its shard); metrics on every rank."""
+def evaluate(task: Task, cfg, model: torch.nn.Module, loader, env: DistEnv, evaluator=None) -> dict[str, float]:
+    """Run the task's evaluator (a new one unless given) over a loader (each rank its shard);
+    metrics on every rank."""
     was_training = model.training
     model.eval()
-    evaluator = task.build_evaluator()
+    evaluator = evaluator if evaluator is not None else task.build_evaluator()
     loader.batch_sampler.set_epoch(0)
     for m in loader:
         with autocast(cfg.train.precision, env.device):
@@ -124,14 +163,23 @@ def evaluate(task: Task, cfg, model: torch.nn.Module, loader, env: DistEnv) -> d
     return {k: float(v) for k, v in broadcast_object(metrics).items()}
 
 
+def _read_summary(path: Path) -> dict | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, resume: bool = False):
         self.cfg_node = cfg
         self.cfg = c = to_object(cfg)
-        self.env = env = init_distributed(c.train.device)
+        self.env = env = init_distributed(c.train.device, c.train.collective_timeout_s)
+        check_config(c, env)
         self.run_dir = Path(c.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        restore_from = self._prepare_run_dir(resume)
+        self.restored_from = restore_from = self._prepare_run_dir(resume)
 
         seed_everything(c.seed + env.rank)  # DDP copies rank 0's initial weights to every rank
         self.task = get_task(c.task)(c)
@@ -140,11 +188,14 @@ class Trainer:
         _, backbone = find_backbone(self.model)
         if backbone is None:
             raise TypeError(f"task {c.task!r}: build_model must return a module containing a NaViT backbone")
-        check_config(c, env, backbone.num_prefix_tokens)
+        check_capacity(c.data, backbone.num_prefix_tokens)
         pack = dict(patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens, world_size=env.world_size, rank=env.rank)
         self.train_set, self.val_set = self.task.build_dataset("train"), self.task.build_dataset("val")
         self.train_loader = build_loader(self.task, self.train_set, c, train=True, **pack)
         self.val_loader = build_loader(self.task, self.val_set, c, train=False, **pack) if self.val_set is not None else None
+        # Built now, so a validation ground truth its evaluator refuses stops the run before any
+        # training rather than after it; the first evaluation uses it.
+        self._evaluator = self.task.build_evaluator() if self.val_set is not None else None
 
         self.optimizer = build_optimizer(self.model, c.optim)
         self.scheduler = build_scheduler(self.optimizer, c.optim, c.train.steps)
@@ -152,26 +203,42 @@ class Trainer:
         self.ddp = None
         if env.distributed:  # wrapping copies rank 0's weights to every rank: the EMA copy comes after
             ids = [env.device.index] if env.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters)
+            # No buffer broadcast in forward (the models' buffers are constants): a forward must
+            # hold no collective, since in a step with an empty micro-batch ranks run different
+            # numbers of forwards (see _step).
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters, broadcast_buffers=False)
         self.train_model = self.ddp or self.model
         self.ema = build_ema(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
         self.state = TrainState()
         self.skip_reasons: Counter[str] = Counter()  # this process, this run segment (summary)
+        self._names: dict[str, list[str]] = {}  # count / loss names, the same on every rank (see _agreed)
         if restore_from is not None:
             self._restore(restore_from)
-        self.logger = RunLogger(self.run_dir, c.train.steps, self.state.step, enabled=env.is_main)
+        st = self.state
+        finished = st.step >= c.train.steps
+        # A finished run keeps its summary; a run stopped after a checkpoint but before the
+        # evaluation due at it (or before its summary) does that evaluation first.
+        self.finished_summary = None
+        if finished and (summary := _read_summary(self.run_dir / "summary.json")) is not None and summary.get("steps") == st.step:
+            self.finished_summary = summary
+        self.owed_eval = self.val_loader is not None and self.finished_summary is None and (st.pending_eval or finished)
+        self.logger = RunLogger(self.run_dir, c.train.steps, st.step, enabled=env.is_main, redo_eval=self.owed_eval)
         if self.task.pretrained_report is not None:
             r = self.task.pretrained_report
             self.logger.info(f"backbone initialised from {r['path']} ({r['format']}, prefix {r['prefix']!r}): {r['loaded']} tensors; "
                              f"skipped from the file: {r['skipped_source_keys'] or 'none'}; kept as initialised: {r['kept_initialised'] or 'none'}")  # fmt: skip
         if restore_from is not None:
-            self.logger.info(f"resumed from {restore_from} at step {self.state.step} (epoch {self.state.epoch}, step {self.state.step_in_epoch} in epoch)")
+            self.logger.info(f"resumed from {restore_from} at step {st.step} (epoch {st.epoch}, step {st.step_in_epoch} in epoch)")
 
     # ---- run directory and checkpoints ------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> Path | None:
-        found = ckpt.latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
-        if found is not None and not resume:
+        existing = ckpt.step_dirs(self.ckpt_dir)
+        if existing and not resume:
             raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, or choose another --output-dir")
+        found = ckpt.latest(self.ckpt_dir) if existing else None  # the newest valid one; corrupt newer ones are warned about
+        if existing and found is None:
+            raise ckpt.CheckpointError(f"none of the {len(existing)} checkpoints in {self.ckpt_dir} is usable (see the warnings above); "
+                                       f"move them away to start the run over")  # fmt: skip
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.ckpt_dir)
@@ -188,9 +255,10 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         tensors, meta = ckpt.read_checkpoint(path)
-        self.model.load_state_dict(tensors["model"])
+        ckpt.load_model_state(self.model, tensors["model"], path / "model.safetensors")
         if self.ema is not None:
-            self.ema.module.load_state_dict(tensors.get("ema", tensors["model"]))
+            name = "ema" if "ema" in tensors else "model"
+            ckpt.load_model_state(self.ema.module, tensors[name], path / f"{name}.safetensors")
         self.optimizer.load_state_dict(ckpt.unflatten_optimizer(tensors.get("optimizer", {}), meta["optimizer"]))
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.scaler.is_enabled() and meta["scaler"]:
@@ -199,7 +267,8 @@ class Trainer:
         if not ckpt.restore_rng(tensors.get("rng", {}), meta["rng"], self.env.rank):
             print(f"warning: rank {self.env.rank}: no RNG state in {path} (saved with fewer ranks)", flush=True)
 
-    def save(self, best: bool = False) -> None:
+    def save(self, best: bool = False) -> Path:
+        """Checkpoint the current step (rank 0 writes); its directory."""
         rng = gather_objects(ckpt.rng_state())  # every rank's RNG, written by rank 0
         if self.env.is_main:
             opt_tensors, opt_meta = ckpt.flatten_optimizer(self.optimizer.state_dict())
@@ -222,33 +291,68 @@ class Trainer:
                 ckpt.point(self.ckpt_dir, "best", path)
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
         barrier()
+        return self.ckpt_dir / ckpt.step_name(self.state.step)
+
+    def _record_eval(self, path: Path, best: bool) -> None:
+        """Store what the evaluation right after a checkpoint's save learnt (done, best) in it."""
+        if self.env.is_main:
+            ckpt.update_train_state(path, asdict(self.state))
+            if best:
+                ckpt.point(self.ckpt_dir, "best", path)
+                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)  # the previous best is no longer pinned
+        barrier()
 
     # ---- training ---------------------------------------------------------------------------
-    def _step(self, micros: list[MicroBatch]) -> dict[str, float]:
+    def _agreed(self, kind: str, local) -> list[str]:
+        """The names of the counts / losses, sorted and the same on every rank. A rank whose
+        micro-batches were all skipped has none of its own, so the first step takes the union
+        over the ranks (every rank caches the same result, so all call the gather together)."""
+        if kind not in self._names:
+            names = sorted(set().union(*gather_objects(sorted(local))))
+            if not names:
+                return names
+            self._names[kind] = names
+        return self._names[kind]
+
+    def _step(self, micros: list[MicroBatch]) -> dict[str, float] | None:
+        """One optimizer step over this rank's micro-batches; None (on every rank) when no rank
+        had a single usable sample in them."""
         c, env, st = self.cfg, self.env, self.state
-        counts = [self.task.count(m.batch, m.targets) for m in micros]
-        names = sorted(counts[0])
+        live = [m for m in micros if m.batch is not None]
+        counts = [self.task.count(m.batch, m.targets) for m in live]
+        names = self._agreed("count", counts[0] if counts else ())
         local = [sum(cnt[k] for cnt in counts) for k in names]
-        local += [sum(int((~m.batch.padding_mask).sum()) for m in micros), sum(sum(m.skipped.values()) for m in micros)]
+        local += [sum(int((~m.batch.padding_mask).sum()) for m in live), sum(sum(m.skipped.values()) for m in micros), len(micros) - len(live)]
         for m in micros:
             self.skip_reasons.update(m.skipped)
         glob = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=env.device)).tolist()
         ctx = LossContext(step=st.step, totals=dict(zip(names, glob[: len(names)])))
-        tokens, skipped = glob[-2], int(glob[-1])
+        tokens, skipped, empty = glob[-3], int(glob[-2]), int(glob[-1])
+        st.skipped_samples += skipped
+        if tokens == 0:
+            return None
 
+        # DDP all-reduces the gradients in the backward of the last micro-batch. When some rank
+        # has an empty micro-batch, ranks run different numbers of backward passes: then every
+        # rank accumulates locally and the gradients are averaged once, explicitly (the same
+        # average), so no rank waits for a backward another rank never runs.
+        explicit = self.ddp is not None and empty > 0
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        for j, m in enumerate(micros):
+        for j, m in enumerate(live):
             batch, targets = to_device(m.batch, env.device), to_device(m.targets, env.device)
-            sync = self.ddp is None or j == len(micros) - 1  # DDP all-reduces on the last micro-batch only
+            sync = self.ddp is None or (not explicit and j == len(live) - 1)
             with nullcontext() if sync else self.ddp.no_sync():
                 with autocast(c.train.precision, env.device):
                     losses = self.task.losses(self.train_model(batch), targets, ctx)
                 self.scaler.scale(losses["loss"] * env.world_size).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        keys = sorted(sums)
-        scalars = dict(zip(keys, all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()))
+        if explicit:
+            average_gradients(self.model.parameters(), env.world_size)
+        keys = self._agreed("loss", sums)
+        zero = torch.zeros((), device=env.device)
+        scalars = dict(zip(keys, all_reduce_sum(torch.stack([sums.get(k, zero) for k in keys])).tolist()))
 
         lr = max(self.scheduler.get_last_lr())
         grad_norm = math.nan
@@ -280,12 +384,13 @@ class Trainer:
                     f"Lower optim.lr, set optim.clip_grad, or check the data."
                 )
         self.scheduler.step()
-        st.skipped_samples += skipped
         return {**scalars, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **ctx.totals, "skipped_nonfinite": st.skipped_nonfinite}
 
     def evaluate(self) -> dict[str, float]:
         model = self.ema.module if self.ema is not None else self.model  # never the DDP wrapper
-        return evaluate(self.task, self.cfg, model, self.val_loader, self.env)
+        evaluator, self._evaluator = self._evaluator, None
+        with _rng_unchanged():
+            return evaluate(self.task, self.cfg, model, self.val_loader, self.env, evaluator)
 
     def _track_best(self, metrics: dict[str, float]) -> bool:
         name, st = self.cfg.train.best_metric, self.state
@@ -300,10 +405,26 @@ class Trainer:
             return True
         return False
 
+    def _evaluate_step(self, saved: Path | None) -> dict[str, float]:
+        """The evaluation of the current step; ``saved``: the step's checkpoint, written just before."""
+        metrics = self.evaluate()
+        self.logger.eval(self.state.step, metrics)
+        best = self._track_best(metrics)
+        self.state.pending_eval = False
+        if saved is not None:
+            self._record_eval(saved, best)
+        elif best:
+            self.save(best=True)
+        return metrics
+
     def fit(self) -> dict:
         c, st = self.cfg, self.state
         t = c.train
-        stream = epochs(self.train_loader, st.epoch, st.step_in_epoch)
+        if self.finished_summary is not None:
+            self.logger.info(f"{self.run_dir} already finished at step {st.step} (train.steps={t.steps}); its summary.json is kept")
+            self.logger.close()
+            return self.finished_summary
+        stream = steps(self.train_loader, st.epoch, st.step_in_epoch)
         sampler = self.train_loader.batch_sampler
         t0 = time.monotonic()
         metrics: dict[str, float] = {}
@@ -313,27 +434,37 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         try:
+            if self.owed_eval:  # the evaluation a stopped run owes to its last checkpoint
+                metrics = self._evaluate_step(self.restored_from)
+            unusable = 0  # steps in a row without a single usable sample
             while st.step < t.steps:
                 t_step = time.monotonic()
-                micros = [next(stream) for _ in range(t.grad_accum)]
+                micros = next(stream)
                 scalars = self._step(micros)
-                st.step += 1
                 last = micros[-1]
                 if last.step + 1 < sampler.steps_in_epoch(last.epoch):
                     st.epoch, st.step_in_epoch = last.epoch, last.step + 1
                 else:
                     st.epoch, st.step_in_epoch = last.epoch + 1, 0
+                if scalars is None:  # every sample of these micro-batches was skipped: the next ones make the step
+                    unusable += 1
+                    if unusable >= sampler.steps_in_epoch(last.epoch):
+                        raise NoUsableDataError(f"no usable training sample in {unusable} steps in a row (a whole epoch): every one was skipped "
+                                                f"as bad input ({dict(self.skip_reasons)}); see the warnings above")  # fmt: skip
+                    continue
+                unusable = 0
+                st.step += 1
                 scalars["step_time"] = time.monotonic() - t_step
                 final = st.step == t.steps
                 self.logger.train(st.step, scalars, log=st.step % t.log_every == 0 or final)
 
-                improved = False
-                if self.val_loader is not None and ((t.eval_every and st.step % t.eval_every == 0) or final):
-                    metrics = self.evaluate()
-                    self.logger.eval(st.step, metrics)
-                    improved = self._track_best(metrics)
-                if st.step % t.ckpt_every == 0 or final or improved:
-                    self.save(best=improved)
+                eval_due = self.val_loader is not None and ((t.eval_every and st.step % t.eval_every == 0) or final)
+                saved = None
+                if st.step % t.ckpt_every == 0 or final:  # before the evaluation: a failing one loses nothing
+                    st.pending_eval = eval_due
+                    saved = self.save()
+                if eval_due:
+                    metrics = self._evaluate_step(saved)
         finally:
             self.logger.close()
             torch.use_deterministic_algorithms(deterministic_before)
@@ -362,8 +493,10 @@ class Trainer:
 
 
 def train(cfg: DictConfig, resume: bool = False) -> dict:
-    """Train (or resume) the run in cfg.output_dir; returns the run summary."""
-    return Trainer(cfg, resume).fit()
+    """Train (or resume) the run in cfg.output_dir; returns the run summary. Under DDP a
+    collective that times out (a stopped rank) raises CollectiveTimeoutError."""
+    with collective_errors(cfg.train.collective_timeout_s):
+        return Trainer(cfg, resume).fit()
 
 
 def load_for_evaluation(c, path: Path | None, ema: bool | None, device: torch.device, split: str = "val") -> tuple[Task, nn.Module, nn.Module, Any]:
@@ -375,7 +508,8 @@ def load_for_evaluation(c, path: Path | None, ema: bool | None, device: torch.de
     task.load_pretrained = path is None
     model = task.build_model().to(device)
     if path is not None:
-        model.load_state_dict(ckpt.load_weights(path, ema))
+        weights = ckpt.weights_file(path, ema)
+        ckpt.load_model_state(model, ckpt.load_tensors(weights), weights)
     model.eval()
     _, backbone = find_backbone(model)
     dataset = task.build_dataset(split)
@@ -386,10 +520,12 @@ def load_for_evaluation(c, path: Path | None, ema: bool | None, device: torch.de
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, ema: bool | None = None, split: str = "val") -> tuple[dict[str, float], Path]:
     """(metrics, checkpoint directory) of a checkpoint's weights (EMA ones when present,
-    unless ``ema`` says otherwise) on a dataset split; works under torchrun too."""
+    unless ``ema`` says otherwise) on a dataset split; works under torchrun too. Every file of
+    the checkpoint is checked before anything is evaluated."""
     c = to_object(cfg)
-    env = init_distributed(c.train.device)
     path = ckpt.resolve(checkpoint)
+    env = init_distributed(c.train.device, c.train.collective_timeout_s)
     task, model, backbone, dataset = load_for_evaluation(c, path, ema, env.device, split)
     loader = build_loader(task, dataset, c, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens, train=False, world_size=env.world_size, rank=env.rank)
-    return evaluate(task, c, model, loader, env), path
+    with collective_errors(c.train.collective_timeout_s):
+        return evaluate(task, c, model, loader, env), path
