@@ -314,7 +314,7 @@ class Trainer:
             self._names[kind] = names
         return self._names[kind]
 
-    def _step(self, micros: list[MicroBatch]) -> dict[str, float] | None:
+    def train_step(self, micros: list[MicroBatch]) -> dict[str, float] | None:
         """One optimizer step over this rank's micro-batches; None (on every rank) when no rank
         had a single usable sample in them."""
         c, env, st = self.cfg, self.env, self.state
@@ -322,7 +322,7 @@ class Trainer:
         counts = [self.task.count(m.batch, m.targets) for m in live]
         names = self._agreed("count", counts[0] if counts else ())
         local = [sum(cnt[k] for cnt in counts) for k in names]
-        local += [sum(int((~m.batch.padding_mask).sum()) for m in live), sum(sum(m.skipped.values()) for m in micros), len(micros) - len(live)]
+        local += [sum(m.batch.layout.num_tokens for m in live), sum(sum(m.skipped.values()) for m in micros), len(micros) - len(live)]
         for m in micros:
             self.skip_reasons.update(m.skipped)
         glob = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=env.device)).tolist()
@@ -440,7 +440,7 @@ class Trainer:
             while st.step < t.steps:
                 t_step = time.monotonic()
                 micros = next(stream)
-                scalars = self._step(micros)
+                scalars = self.train_step(micros)
                 last = micros[-1]
                 if last.step + 1 < sampler.steps_in_epoch(last.epoch):
                     st.epoch, st.step_in_epoch = last.epoch, last.step + 1

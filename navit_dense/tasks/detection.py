@@ -224,6 +224,14 @@ class DetectionTask(Task):
         targets = detection_targets(samples)  # normalized cxcywh boxes + image_id, scale, LVIS lists
         for t in targets:
             t.pop("masks", None)
+        if plan.train:
+            # The loss's class masks (federated negatives, not-exhaustive classes) are drawn here, in
+            # the data workers, keyed by each sample's seed (reproducible across workers, ranks and
+            # resumes), so the training step never reads labels back from the device.
+            loss, K = self.loss_module(), len(self.categories())
+            seeds = plan.seed if isinstance(plan.seed, list) else [plan.seed] * len(targets)
+            for t, seed in zip(targets, seeds):
+                t["class_mask"], t["not_exhaustive_mask"] = loss.target_masks(t, K, key=(int(seed),))
         return batch, targets
 
     def _pad_to_square(self, image: torch.Tensor) -> torch.Tensor:
