@@ -120,3 +120,86 @@ def test_benchmark_seg_rejects_unknown_backbone_fields():
     with pytest.raises(SystemExit, match="fixed here"):
         tool.parse_backbone_overrides(["patch_size=8"])  # the tool's pixel pipeline is P = 16
     assert tool.parse_backbone_overrides(["reg_tokens=4", "qk_norm=true"]) == {"reg_tokens": 4, "qk_norm": True}
+
+
+PEER_ROWS = [(budget, mode) for budget in ("fixed", "sampled") for mode in ("eval", "train")]
+
+
+@pytest.fixture(scope="module")
+def backbone_report(tmp_path_factory):
+    """tools/benchmark_backbone.py at toy size (depth 1, 5 images, 64 px): structure only."""
+    out = tmp_path_factory.mktemp("bench") / "backbone.json"
+    argv = ["--json", str(out), "--depth", "1", "--num-images", "5", "--max-side", "64", "--warmup", "0",
+            "--repeats", "1", "--threads", "1", "--no-vit-pytorch"]
+    try:
+        load_tool("benchmark_backbone").main(argv)
+    finally:
+        torch.set_num_threads(1)
+    return json.loads(out.read_text())
+
+
+def test_benchmark_backbone_reports_timm_naflexvit_rows_and_targets(backbone_report):
+    report, tool = backbone_report, load_tool("benchmark_backbone")
+    peer, cfg = backbone_report["timm_naflexvit"], backbone_report["config"]
+    assert [(r["budget"], r["mode"]) for r in peer["rows"]] == PEER_ROWS
+    assert peer["config"]["cfg"]["depth"] == cfg["depth"] == 1
+    assert peer["config"]["cfg"]["pos_embed"] == "factorized"
+    assert peer["config"]["bucket_lengths"] == [128, 256, 576, 784, 1024]  # timm's train_seq_lens
+    sizes = [tuple(s) for s in cfg["image_sizes_hw"]]
+    n_square = (64 // 16) ** 2
+    fixed_grids = [budget_grid(h, w, 16, min(tool.PEER_FIXED_TOKENS, n_square), max_side=64) for h, w in sizes]
+    for row in peer["rows"]:
+        if row["budget"] == "fixed":  # every image at the same budget: the grids pack_images chooses
+            assert row["real_tokens"] == sum(gh * gw for gh, gw in fixed_grids)
+        else:  # sampled budgets never exceed the square budget
+            assert row["real_tokens"] <= len(sizes) * n_square
+        assert row["images"] == len(sizes) and row["real_tokens_per_image_equal"] is True
+        lo, hi = row["tokens_per_image"]["min"], row["tokens_per_image"]["max"]
+        assert row["slots"]["timm_row_padded"] == len(sizes) * hi  # one row per image, padded to the longest
+        assert row["timm_bucketed_lengths"] == [128]  # every toy image fits timm's shortest bucket
+        assert row["slots"]["timm_bucketed"] == len(sizes) * 128
+        for name, slots in row["slots"].items():
+            assert slots >= row["real_tokens"] and row["pad_fraction"][name] == pytest.approx(1 - row["real_tokens"] / slots)
+        med = {k: t["median_s"] for k, t in row["timings"].items()}
+        assert set(med) == {"ours", "timm_row_padded", "timm_bucketed"}
+        for name, ips in row["imgs_per_s"].items():
+            assert ips == pytest.approx(len(sizes) / med[name])
+        for name, ratio in row["ours_vs"].items():
+            assert ratio == pytest.approx(med[name] / med["ours"])
+        best = row["ours_vs_timm_best"]
+        assert best["ratio"] == pytest.approx(min(row["ours_vs"].values())) == row["ours_vs"][best["peer"]]
+        t = report["targets"][f"packed_vs_timm_naflexvit_{row['budget']}_{row['mode']}"]
+        assert (t["value"], t["op"], t["threshold"]) == (best["ratio"], ">=", {"fixed": 1.05, "sampled": 3.0}[row["budget"]])
+        assert t["status"] == ("PASS" if t["value"] >= t["threshold"] else "FAIL")
+    sampled = [r for r in peer["rows"] if r["budget"] == "sampled"][0]["tokens_per_image"]
+    assert sampled["min"] < sampled["max"]  # budgets really vary per image
+    assert {"ours_pad_fraction", "packed_vs_square_padded", "packed_memory"} <= set(report["targets"])
+    # same weights, same tokens: the peer computes our function (fractional positional lookup)
+    for diffs in peer["equivalence"].values():
+        assert max(diffs.values()) <= 1e-4
+
+
+def test_timm_peer_inputs_carry_our_tokens_and_the_check_catches_a_mismatch():
+    from navit_dense.data import pack_images
+
+    tool = load_tool("benchmark_backbone")
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=g) for h, w in ((40, 70), (90, 30), (64, 64))]
+    batch = pack_images(images, patch_size=16, max_tokens=[6, 12, 16], seq_len=64)
+    batchings = tool.timm_batchings(batch, (8, 16))
+    assert [p.images for p in batchings["timm_bucketed"]] == [[0], [1, 2]]  # shortest bucket holding each
+    for parts in batchings.values():
+        tool.check_same_tokens(batch, parts)
+        for p in parts:
+            for row, i in enumerate(p.images):  # the very patch vectors we pack, row-major
+                n = batch.layout.num_kept[i]
+                lo = batch.layout.token_offsets[i]
+                ours = batch.flat(batch.patches).index_select(0, batch.patch_slots)[lo : lo + n]
+                assert torch.equal(p.inputs["patches"][row, :n], ours)
+                assert not p.inputs["patch_valid"][row, n:].any()
+    row_padded = batchings["timm_row_padded"][0]
+    row_padded.inputs["patch_valid"][0, batch.layout.num_kept[0]] = True  # one padding slot marked real
+    with pytest.raises(RuntimeError, match="real tokens"):
+        tool.check_same_tokens(batch, [row_padded])
+    with pytest.raises(RuntimeError, match="each of 0..2 once"):
+        tool.check_same_tokens(batch, batchings["timm_bucketed"][1:])

@@ -228,3 +228,26 @@ def test_class_map_is_argmax_including_ties_and_nan(k, h, w, levels, nans, seed)
 def test_class_map_rejects_other_shapes():
     with pytest.raises(ValueError, match=r"\[K, H, W\]"):
         class_map(torch.zeros(1, 2, 3, 4))
+
+
+def test_seg_loss_keeps_one_image_of_full_resolution_logits_alive():
+    """Per-image checkpointing: the same loss and gradients as the plain sum, with the peak of
+    the backward bounded by one image's upsampled logits, not all of them."""
+    from navit_dense.losses.segmentation import _image_loss
+    from navit_dense.utils.benchmark import peak_memory
+
+    g = torch.Generator().manual_seed(0)
+    K, sizes = 40, [(12, 20), (16, 16), (20, 12), (14, 18)]
+    logits = [torch.randn(K, h, w, generator=g, requires_grad=True) for h, w in sizes]
+    labels = [torch.randint(0, K, (h * 16, w * 16), generator=g) for h, w in sizes]
+    loss = seg_loss_sum(logits, labels)
+    grads = torch.autograd.grad(loss, logits)
+    ref = sum(_image_loss(lg, y, 255) for lg, y in zip(logits, labels))
+    ref_grads = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    one_image = K * 20 * 12 * 256 * 4  # bytes of one image's upsampled float32 logits
+    peak, _ = peak_memory(lambda: seg_loss_sum(logits, labels).backward())
+    plain, _ = peak_memory(lambda: sum(_image_loss(lg, y, 255) for lg, y in zip(logits, labels)).backward())
+    assert plain > 3 * one_image and peak < plain - one_image  # all four images' logits vs about one at a time

@@ -91,7 +91,8 @@ def test_bad_training_samples_are_skipped_and_bad_eval_samples_raise(data, tmp_p
     train_loader = build_loader(task, train_set, cfg, train=True, **pack)
     train_loader.batch_sampler.set_epoch(1)
     keys = [k.index for micro in train_loader.batch_sampler for k in micro]
-    assert 0 in keys  # the truncated image is drawn this epoch (training drops only the tail micro-batch)
+    assert 0 in keys  # the truncated image is drawn this epoch
+    assert train_set.image_file(0) == str(root / "images" / "training" / "synth_0000.jpg")
     with pytest.warns(BadInputWarning, match="truncated"):
         micros = list(train_loader)
     assert sum((Counter(m.skipped) for m in micros), Counter()) == {"truncated": keys.count(0)}

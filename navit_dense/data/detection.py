@@ -291,6 +291,10 @@ class DetectionDataset(Dataset):
         """(H, W) from the annotations, without decoding (the engine's token-cost estimate)."""
         return self.images[index].height, self.images[index].width
 
+    def image_file(self, index: int) -> str:
+        """The item's image file (the engine names it in warnings and errors)."""
+        return str(self.image_root / self.images[index].file_name)
+
     def _annotations(self, record: ImageRecord):
         return [a for a in record.annotations if not a.iscrowd and (a.segmentation is not None or not self.with_masks)]
 

@@ -338,6 +338,10 @@ class SegTaskDataset:
     def __len__(self) -> int:
         return len(self.base)
 
+    def image_file(self, index: int) -> str:
+        """The item's image file (the engine names it in warnings and errors)."""
+        return str(self.base.samples[index][0])
+
     def image_size(self, index: int) -> tuple[int, int]:
         if index not in self._sizes:
             img, ann = self.base.samples[index]

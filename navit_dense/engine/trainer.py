@@ -480,6 +480,7 @@ class Trainer:
             "skipped_samples": st.skipped_samples,
             "skipped_by_reason": dict(sum((Counter(r) for r in gather_objects(dict(self.skip_reasons))), Counter())),
             "data_skips": self.train_set.skip_summary() if hasattr(self.train_set, "skip_summary") else None,
+            "val_data_skips": self.val_set.skip_summary() if self.val_set is not None and hasattr(self.val_set, "skip_summary") else None,
             "best_metric": self.cfg.train.best_metric or None,
             "best_value": st.best_value,
             "best_step": st.best_step,
