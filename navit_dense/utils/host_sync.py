@@ -44,11 +44,16 @@ def _bool_index(args) -> bool:
 
 
 class HostSyncCounter(TorchFunctionMode):
-    """Counts host round trips (see the module docstring) by name while active."""
+    """Counts host round trips (see the module docstring) by name while active.
 
-    def __init__(self):
+    ignore: tensors that live on the host by design even in a GPU run, whose reads are no
+    device round trips (e.g. torch.optim's per-parameter ``step`` counters, kept on the CPU
+    unless the optimizer is fused or capturable)."""
+
+    def __init__(self, ignore=()):
         super().__init__()
         self.calls: Counter[str] = Counter()
+        self._ignore = {id(t) for t in ignore}
 
     @property
     def total(self) -> int:
@@ -56,6 +61,8 @@ class HostSyncCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = SYNCING.get(func)
+        if name is not None and args and id(args[0]) in self._ignore:
+            name = None
         if name == "repeat_interleave" and (not (len(args) > 1 and torch.is_tensor(args[1])) or (kwargs or {}).get("output_size")):
             name = None  # a Python int repeat count, or a known output size, needs no device value
         if name is None and func in (_T.__getitem__, _T.__setitem__) and _bool_index(args):
