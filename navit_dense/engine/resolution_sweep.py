@@ -240,7 +240,8 @@ def write_tables(rows: list[dict], out_dir: str | Path, columns: Sequence[str], 
 
 def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None) -> dict[str, Path]:
     """resolution_sweep.json (info + rows), .csv (``sweep_columns`` of the rows' format) and .png
-    (AP and APr, COCO: AP and AP50, percent, against max resolution)."""
+    (AP and APr, COCO: AP and AP50, percent, and images/s with tokens per image, against max
+    resolution; one line style per layout)."""
     fmt = rows[0].get("format", "lvis") if rows else "lvis"
     paths = write_tables(rows, out_dir, sweep_columns(fmt), info)
 
@@ -250,20 +251,29 @@ def write_sweep(rows: list[dict], out_dir: str | Path, info: dict | None = None)
     import matplotlib.pyplot as plt
 
     res = sorted({r["max_res"] for r in rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, speed) = plt.subplots(1, 2, figsize=(11, 4))
     layouts = list(dict.fromkeys(r.get("layout", "native") for r in rows))
     for layout in layouts:
         mine = [r for r in rows if r.get("layout", "native") == layout]
+        line = "-" if layout == "native" else "--"
+        suffix = "" if len(layouts) == 1 else f" {layout}"
         for key, marker in zip(("AP", "APr" if fmt == "lvis" else "AP50"), "os"):
             # -1 means "undefined" (no GT in the group): not plotted.
             pts = [(r["max_res"], 100 * r[key]) for r in mine if r[key] >= 0]
-            style = marker + ("-" if layout == "native" else "--")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=key if len(layouts) == 1 else f"{key} {layout}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker + line, label=key + suffix)
+        speed.plot([r["max_res"] for r in mine], [r["images_per_s"] for r in mine], "o" + line, label=f"images/s{suffix}")
+        for r in mine:  # the tokens each image cost, next to its speed
+            speed.annotate(f"{r['mean_tokens_per_image']:.0f} tok", (r["max_res"], r["images_per_s"]), fontsize=7,
+                           textcoords="offset points", xytext=(4, 4))  # fmt: skip
     ax.set_xlabel("max resolution (pixels, longer side)")
     ax.set_ylabel(f"{fmt.upper()} box AP (%)")
-    ax.set_xticks(res)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    speed.set_xlabel("max resolution (pixels, longer side)")
+    speed.set_ylabel("images / s (model forward), tokens per image")
+    speed.set_yscale("log")
+    for a in (ax, speed):
+        a.set_xticks(res)
+        a.grid(alpha=0.3)
+        a.legend()
     if info and info.get("checkpoint"):
         ax.set_title(f"resolution sweep: {Path(info['checkpoint']).name}", fontsize=10)
     fig.tight_layout()
