@@ -392,6 +392,22 @@ def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
 _HF_ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu"}
 
 
+def _hf_encoder_fields(vc: Any, source: str) -> dict[str, Any]:
+    """The NaViTConfig fields every HF CLIP / SigLIP vision encoder config states the same way."""
+    if vc.hidden_act not in _HF_ACTS:
+        raise ValueError(f"unsupported {source} activation {vc.hidden_act!r}; supported: {sorted(_HF_ACTS)}")
+    return dict(
+        in_chans=vc.num_channels,
+        embed_dim=vc.hidden_size,
+        depth=vc.num_hidden_layers,
+        num_heads=vc.num_attention_heads,
+        mlp_ratio=_mlp_ratio(vc.intermediate_size, vc.hidden_size),
+        qkv_bias=True,
+        act=_HF_ACTS[vc.hidden_act],
+        norm_eps=vc.layer_norm_eps,
+    )
+
+
 def _hf_encoder_layers(take, depth: int) -> dict[str, torch.Tensor]:
     """CLIP / SigLIP encoder layers (pre-LN; separate q, k, v projections) -> NaViT blocks."""
     out = {}
@@ -426,19 +442,10 @@ def config_from_siglip2(config: Any, **overrides) -> NaViTConfig:
     G = math.isqrt(vc.num_patches)
     if G * G != vc.num_patches:
         raise ValueError(f"SigLIP2 num_patches={vc.num_patches} is not a square position grid")
-    if vc.hidden_act not in _HF_ACTS:
-        raise ValueError(f"unsupported SigLIP2 activation {vc.hidden_act!r}; supported: {sorted(_HF_ACTS)}")
     use_head = getattr(vc, "vision_use_head", True)
     found = dict(
+        **_hf_encoder_fields(vc, "SigLIP2"),
         patch_size=P,
-        in_chans=vc.num_channels,
-        embed_dim=vc.hidden_size,
-        depth=vc.num_hidden_layers,
-        num_heads=vc.num_attention_heads,
-        mlp_ratio=_mlp_ratio(vc.intermediate_size, vc.hidden_size),
-        qkv_bias=True,
-        act=_HF_ACTS[vc.hidden_act],
-        norm_eps=vc.layer_norm_eps,
         class_token=False,
         reg_tokens=0,
         pos_embed="learned2d",
@@ -505,17 +512,21 @@ def navit_from_siglip2(model_or_state_dict_and_config: Any, **overrides) -> NaVi
     Accepts a Siglip2VisionModel, a Siglip2Model (its vision tower is used), or a
     ``(state_dict, config)`` pair. Feed it images packed by :func:`pack_images` with the
     model's patch size; NaFlex's own resize rule is the one ``budget_grid`` implements."""
-    src = model_or_state_dict_and_config
-    if isinstance(src, nn.Module):
-        src = getattr(src, "vision_model", src)
-        sd, config = src.state_dict(), src.config
-    elif isinstance(src, (tuple, list)) and len(src) == 2:
-        sd, config = src
-    else:
-        raise TypeError("navit_from_siglip2 takes a Siglip2VisionModel / Siglip2Model or a (state_dict, config) pair")
+    sd, config = _hf_vision_source(model_or_state_dict_and_config, "navit_from_siglip2", "a Siglip2VisionModel / Siglip2Model")
     cfg = config_from_siglip2(config, **overrides)
     model = NaViT(cfg)
     return _load(model, convert_siglip2_state_dict(sd, cfg, reference=model))
+
+
+def _hf_vision_source(src: Any, caller: str, accepted: str) -> tuple[Mapping[str, torch.Tensor], Any]:
+    """(state dict, config) of an HF vision model (or of the ``vision_model`` of a dual encoder),
+    or of a ``(state_dict, config)`` pair."""
+    if isinstance(src, nn.Module):
+        src = getattr(src, "vision_model", src)
+        return src.state_dict(), src.config
+    if isinstance(src, (tuple, list)) and len(src) == 2:
+        return src[0], src[1]
+    raise TypeError(f"{caller} takes {accepted} or a (state_dict, config) pair")
 
 
 # ---- HF CLIP-style vision towers (CLIP, OWL-ViT, OWLv2) ---------------------------------------
@@ -525,20 +536,11 @@ def config_from_hf_clip_vision(config: Any, **overrides) -> NaViTConfig:
     class token, learned square position table (resized per image bicubic WITHOUT antialias, as
     ``interpolate_pos_encoding`` does), pre-LayerNorm, pre-LN blocks, final LayerNorm."""
     vc = getattr(config, "vision_config", config)
-    if vc.hidden_act not in _HF_ACTS:
-        raise ValueError(f"unsupported activation {vc.hidden_act!r}; supported: {sorted(_HF_ACTS)}")
     if vc.image_size % vc.patch_size:
         raise ValueError(f"image_size {vc.image_size} is not a multiple of patch_size {vc.patch_size}")
     found = dict(
+        **_hf_encoder_fields(vc, "CLIP vision"),
         patch_size=vc.patch_size,
-        in_chans=vc.num_channels,
-        embed_dim=vc.hidden_size,
-        depth=vc.num_hidden_layers,
-        num_heads=vc.num_attention_heads,
-        mlp_ratio=_mlp_ratio(vc.intermediate_size, vc.hidden_size),
-        qkv_bias=True,
-        act=_HF_ACTS[vc.hidden_act],
-        norm_eps=vc.layer_norm_eps,
         pre_norm=True,
         class_token=True,
         reg_tokens=0,
@@ -591,14 +593,7 @@ def navit_from_hf_clip_vision(model_or_state_dict_and_config: Any, prefix: str =
     :func:`config_from_hf_clip_vision`): a CLIPVisionModel / OwlViT / Owlv2 vision model (its
     ``vision_model`` is used), or a ``(state_dict, config)`` pair whose vision keys start with
     ``prefix`` (e.g. "owlv2.vision_model." in a detector checkpoint)."""
-    src = model_or_state_dict_and_config
-    if isinstance(src, nn.Module):
-        src = getattr(src, "vision_model", src)
-        sd, config = src.state_dict(), src.config
-    elif isinstance(src, (tuple, list)) and len(src) == 2:
-        sd, config = src
-    else:
-        raise TypeError("navit_from_hf_clip_vision takes a CLIP-style vision model or a (state_dict, config) pair")
+    sd, config = _hf_vision_source(model_or_state_dict_and_config, "navit_from_hf_clip_vision", "a CLIP-style vision model")
     cfg = config_from_hf_clip_vision(config, **overrides)
     model = NaViT(cfg)
     return _load(model, convert_hf_clip_vision_state_dict(sd, cfg, reference=model, prefix=prefix))
