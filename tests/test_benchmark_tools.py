@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,7 @@ def test_benchmark_backbone_reports_timm_naflexvit_rows_and_targets(backbone_rep
             assert row["real_tokens"] <= len(sizes) * n_square
         assert row["images"] == len(sizes) and row["real_tokens_per_image_equal"] is True
         lo, hi = row["tokens_per_image"]["min"], row["tokens_per_image"]["max"]
+        assert 1 <= lo <= hi
         assert row["slots"]["timm_row_padded"] == len(sizes) * hi  # one row per image, padded to the longest
         assert row["timm_bucketed_lengths"] == [128]  # every toy image fits timm's shortest bucket
         assert row["slots"]["timm_bucketed"] == len(sizes) * 128
@@ -203,3 +205,18 @@ def test_timm_peer_inputs_carry_our_tokens_and_the_check_catches_a_mismatch():
         tool.check_same_tokens(batch, [row_padded])
     with pytest.raises(RuntimeError, match="each of 0..2 once"):
         tool.check_same_tokens(batch, batchings["timm_bucketed"][1:])
+
+
+def test_profile_step_splits_a_step_and_counts_host_round_trips(tmp_path):
+    """tools/profile_step.py on the engine's toy task: every stage is timed, and the host round
+    trips of a real Trainer.train_step do not grow with the batch (and stay few)."""
+    out = tmp_path / "profile.json"
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "classification" / "toy.yaml"), "--batches", "2,6", "--repeats", "1",
+            "--json", str(out), "model.backbone.depth=1", "data.train_size=16", "data.val_size=0"]  # fmt: skip
+    assert load_tool("profile_step").main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch_images"] for r in rows] == [2, 6]
+    for r in rows:
+        assert set(r["stages_s"]) == {"data", "backbone", "head", "loss", "backward", "optimizer"}
+        assert all(v >= 0 for v in r["stages_s"].values()) and r["step_s"] > 0 and r["peak_mem_mb"] > 0
+    assert rows[0]["host_syncs"] == rows[1]["host_syncs"] <= 10

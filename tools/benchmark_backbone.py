@@ -14,10 +14,17 @@ in one process:
 - per_image         our model called once per image;
 - vit_pytorch_navit lucidrains' ``vit_pytorch.na_vit.NaViT`` (same depth/width/heads/patch/mlp
                     dim) on the same resized images with its own grouping
-                    (``group_images=True, group_max_seq_len=seq_len``).
+                    (``group_images=True, group_max_seq_len=seq_len``);
+- timm_naflexvit    timm's ``NaFlexVit`` (same trunk, factorized position embedding, our weights)
+                    at a fixed per-image budget (256 tokens) and at sampled budgets
+                    (``ResolutionSampler``: 64..1024 tokens at max_side 512), eval and train
+                    (forward + backward of a scalar from the features), against ours packed.
+                    It gets the same resized images on the same grids as timm's NaFlex input
+                    (one image per row, padded): to the batch's longest row, and to timm's
+                    loader bucket lengths. ``--no-timm`` skips it.
 
 Timing: round-robin over variants (warmup rounds, then timed rounds), median per variant,
-torch.no_grad, eval mode, a fixed number of threads. Memory: see
+torch.no_grad, eval mode (the timm peer's train rows aside), a fixed number of threads. Memory: see
 ``navit_dense.utils.benchmark.peak_memory``. Targets are reported as PASS/FAIL; if a target
 fails (or with ``--profile``) a torch.profiler op table of the packed forward is included.
 
@@ -35,6 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 def _omp_wait_policy_from_argv(argv) -> str:
@@ -64,7 +72,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import navit_dense as nd
 
-from navit_dense.data import pack_images, pack_lengths
+from navit_dense.data import ResolutionSampler, pack_images, pack_lengths
 from navit_dense.data.resize import budget_grid, resize_to_grid
 from navit_dense.utils.benchmark import (
     human_bytes,
@@ -93,16 +101,18 @@ COCO_SIZES = [
 ]
 EXTREME_SIZES = [(1000, 100), (100, 1000), (1500, 200), (200, 1500)]  # (width, height)
 
-QUICK = dict(depth=4, num_images=16, warmup=1, repeats=3, extras=False)
-FULL = dict(depth=None, num_images=32, warmup=1, repeats=3, extras=True)
+QUICK = dict(depth=4, num_images=16, warmup=1, repeats=3, extras=False, sweep_sample=256)
+FULL = dict(depth=None, num_images=32, warmup=1, repeats=3, extras=True, sweep_sample=1024)
 QUICK_NOTE = (
     "--quick keeps navit_ti16's width (embed_dim 192, 3 heads, mlp 768, patch 16) and the full "
     "max_side / seq_len, but uses depth 4 instead of 12 and 16 images (2 of them extreme strips) "
     "so the whole run fits in ~3 min on 2 CPU cores. Per-layer cost ratios (packed vs square vs "
     "per-image vs vit_pytorch) do not depend on depth; the fixed per-forward overhead (embedding, "
     "unpacking, pooling) weighs ~3x more than at depth 12, so quick throughput ratios are slightly "
-    "pessimistic for packed paths. Quick mode also skips timing square_padded_navit_path and the "
-    "memory of the square / vit_pytorch baselines. With only 16 images the best possible pad "
+    "pessimistic for packed paths (the timm NaFlexVit peer runs at the same depth). Quick mode also "
+    "skips timing square_padded_navit_path and the memory of the square / vit_pytorch baselines, and "
+    "sweeps the packers over 256 sampled image sizes instead of 1024 (packing.batch_size_sweep). "
+    "With only 16 images the best possible pad "
     "fraction is coarse: see packing.optimal_bound."
 )
 
@@ -126,6 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true", help="always include the packed-forward op profile")
     p.add_argument("--no-vit-pytorch", action="store_true", help="skip the vit_pytorch baseline")
+    p.add_argument("--no-timm", action="store_true", help="skip the timm NaFlexVit peer rows (fixed / sampled budgets)")
     p.add_argument(
         "--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
         help="OMP_WAIT_POLICY set before torch loads (default passive; 'default' leaves the environment "
@@ -258,6 +269,279 @@ def build_vit_pytorch(cfg, max_side: int, depth: int):
     )
 
 
+# ---- timm NaFlexVit peer ----------------------------------------------------------------------
+PEER_FIXED_TOKENS = 256  # timm's favourite case: every image at the same budget, almost no padding
+# Sampled budgets: a square side drawn by ResolutionSampler in [max_side / 4, max_side], i.e.
+# (side / P)^2 = 64..1024 tokens at the default max_side 512.
+PEER_SAMPLED_MIN_FRACTION = 4
+PEER_TARGETS = {"fixed": 1.05, "sampled": 3.0}  # ours / fastest timm batching, images/s, same run
+
+
+def timm_bucket_lengths() -> tuple[int, ...]:
+    """The sequence lengths timm's NaFlex train loader buckets batches into: each batch gets one
+    of them and NaFlexCollator pads every row to exactly that length. Read from timm itself."""
+    import inspect
+
+    from timm.data.naflex_loader import create_naflex_loader
+
+    return tuple(sorted(inspect.signature(create_naflex_loader).parameters["train_seq_lens"].default))
+
+
+def build_timm_peer(cfg, device):
+    """timm NaFlexVit with our model's trunk (depth, width, heads, MLP, qkv bias, qk-norm,
+    LayerScale, activation, prefix tokens, pooling) and a factorized position embedding, reading
+    patches in our (c, py, px) order so the same patch vectors feed both."""
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    peer_cfg = NaFlexVitCfg(
+        patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, init_values=cfg.init_values,
+        class_token=cfg.class_token, reg_tokens=cfg.reg_tokens, pos_embed="factorized",
+        pos_embed_grid_size=(cfg.pos_embed_grid, cfg.pos_embed_grid), act_layer=cfg.act,
+        global_pool={"none": ""}.get(cfg.global_pool, cfg.global_pool), fc_norm=cfg.fc_norm,
+        pool_include_prefix=cfg.map_include_prefix, patchify_channels_last=False,
+    )
+    return NaFlexVit(peer_cfg, in_chans=cfg.in_chans, num_classes=0).to(device), peer_cfg
+
+
+def copy_weights_to_timm(model, peer) -> None:
+    """Our weights into the peer (same module names except the embedding); timm's factorized
+    tables are resized to each grid (linear, half-pixel), which is our ``fractional`` lookup."""
+    ours = model.state_dict()
+    renamed = {"embeds.proj.weight": "patch_embed.weight", "embeds.proj.bias": "patch_embed.bias",
+               "embeds.pos_embed_y": "pos_embed.row", "embeds.pos_embed_x": "pos_embed.col"}
+    state = {}
+    for key, value in peer.state_dict().items():
+        src = renamed.get(key, key)
+        if src not in ours or ours[src].numel() != value.numel():
+            raise RuntimeError(f"timm peer weight {key} has no counterpart {src} in our model")
+        state[key] = ours[src].reshape(value.shape)
+    peer.load_state_dict(state)
+
+
+class NaFlexRows(NamedTuple):
+    """One timm NaFlex batch: rows = images (input indices), padded to one length."""
+
+    images: list[int]
+    grids: list[tuple[int, int]]
+    inputs: dict  # patches [B, L, C*P*P], patch_coord [B, L, 2] (y, x), patch_valid [B, L]
+    real_index: torch.Tensor  # flat [B * L] index of every real patch token, row-major
+
+
+def naflex_rows(batch, images: list[int], length: int) -> NaFlexRows:
+    """Images of our packed batch in timm's format: one image per row, its patches (the very
+    vectors we pack) and (row, col) coordinates in row-major order, padded to ``length``."""
+    lay = batch.layout
+    patches = batch.flat(batch.patches).index_select(0, batch.patch_slots)  # image-major, row-major
+    coords = batch.flat(batch.positions).index_select(0, batch.patch_slots)
+    out = {
+        "patches": patches.new_zeros(len(images), length, patches.shape[-1]),
+        "patch_coord": coords.new_zeros(len(images), length, 2),
+        "patch_valid": torch.zeros(len(images), length, dtype=torch.bool, device=patches.device),
+    }
+    real = []
+    for row, i in enumerate(images):
+        lo, hi = lay.token_offsets[i], lay.token_offsets[i + 1]
+        out["patches"][row, : hi - lo] = patches[lo:hi]
+        out["patch_coord"][row, : hi - lo] = coords[lo:hi]
+        out["patch_valid"][row, : hi - lo] = True
+        real.append(torch.arange(row * length, row * length + hi - lo))
+    real_index = torch.cat(real).to(patches.device)
+    return NaFlexRows(list(images), [lay.grids[i] for i in images], out, real_index)
+
+
+def timm_batchings(batch, buckets) -> dict[str, list[NaFlexRows]]:
+    """row_padded: all images in one batch, padded to the longest. bucketed: timm's loader
+    batching, each image in the shortest of timm's bucket lengths that holds it (one batch per
+    bucket: timm's batch size there is tokens_per_batch / bucket >= the number of images), every
+    row padded to exactly the bucket length as NaFlexCollator does."""
+    kept = batch.layout.num_kept
+    by_bucket: dict[int, list[int]] = {}
+    for i, n in enumerate(kept):
+        by_bucket.setdefault(next((b for b in buckets if b >= n), n), []).append(i)
+    return {
+        "timm_row_padded": [naflex_rows(batch, list(range(len(kept))), max(kept))],
+        "timm_bucketed": [naflex_rows(batch, imgs, length) for length, imgs in sorted(by_bucket.items())],
+    }
+
+
+def check_same_tokens(batch, parts: list[NaFlexRows]) -> None:
+    """Both models process the same real tokens per image: every image in exactly one row, with
+    as many valid patches as we pack for it, on the grid timm reads back from its coordinates."""
+    from timm.models.naflexvit import calculate_naflex_grid_sizes
+
+    lay = batch.layout
+    seen = sorted(i for p in parts for i in p.images)
+    if seen != list(range(lay.num_images)):
+        raise RuntimeError(f"timm batching covers images {seen}, expected each of 0..{lay.num_images - 1} once")
+    for p in parts:
+        valid = p.inputs["patch_valid"].sum(1).tolist()
+        if valid != [lay.num_kept[i] for i in p.images] or len(p.real_index) != sum(valid):
+            raise RuntimeError(f"timm rows hold {valid} real tokens, we pack {[lay.num_kept[i] for i in p.images]}")
+        if calculate_naflex_grid_sizes(p.inputs["patch_coord"]) != p.grids:
+            raise RuntimeError("timm reads different grids from its patch coordinates than we packed")
+
+
+def print_peer_table(peer: dict) -> None:
+    log("\ntimm NaFlexVit peer (images/s; ratio = ours / timm in the same run: medians of wall time, "
+        "and of CPU time for the best timm batching)")
+    log(f"  {'budgets':8s} {'mode':5s} {'tokens/img':>11s} {'ours':>8s} {'timm row':>9s} {'timm bkt':>9s} "
+        f"{'vs row':>7s} {'vs bkt':>7s} {'vs best cpu':>11s} {'pad ours/row/bkt':>18s}")
+    for r in peer["rows"]:
+        ips, vs, pad, tpi = r["imgs_per_s"], r["ours_vs"], r["pad_fraction"], r["tokens_per_image"]
+        log(f"  {r['budget']:8s} {r['mode']:5s} {tpi['min']:>5d}-{tpi['max']:<5d} {ips['ours']:8.2f} "
+            f"{ips['timm_row_padded']:9.2f} {ips['timm_bucketed']:9.2f} {vs['timm_row_padded']:7.2f} "
+            f"{vs['timm_bucketed']:7.2f} {r['ours_vs_cpu_time'][r['ours_vs_timm_best']['peer']]:11.2f} "
+            f"{pad['ours']:6.3f}/{pad['timm_row_padded']:.3f}/{pad['timm_bucketed']:.3f}")
+    for name, e in peer["equivalence"].items():
+        log(f"  same weights, fractional positions: {name} maps diff {e['feature_maps_max_abs_diff']:.2e}, "
+            f"pooled diff {e['pooled_max_abs_diff']:.2e}")
+
+
+def timm_forward(peer, parts: list[NaFlexRows]):
+    """timm's forward_features + forward_head(pre_logits), plus per-image [D, h, w] map views
+    (what a dense head would take). Returns (real tokens, pooled, maps) per batch."""
+    outs = []
+    for p in parts:
+        feats = peer.forward_features(**p.inputs)
+        pooled = peer.forward_head(feats["patches"], pre_logits=True, patch_valid=feats["patch_valid"])
+        tokens = feats["patches"][:, peer.num_prefix_tokens :]
+        maps = [tokens[r, : h * w].reshape(h, w, -1).permute(2, 0, 1) for r, (h, w) in enumerate(p.grids)]
+        outs.append((tokens.reshape(-1, tokens.shape[-1]).index_select(0, p.real_index), pooled, maps))
+    return outs
+
+
+def feature_loss(tokens: list[torch.Tensor], pooled: list[torch.Tensor]) -> torch.Tensor:
+    """The training scalar for both models: mean square of every real token's final feature
+    plus mean square of the pooled vectors (sums over chunks, so batching does not change it)."""
+    tok = sum(t.square().sum() for t in tokens) / sum(t.numel() for t in tokens)
+    return tok + sum(p.square().sum() for p in pooled) / sum(p.numel() for p in pooled)
+
+
+def ours_tokens_pooled(model, batch):
+    out = model(batch)
+    return [batch.flat(out.tokens).index_select(0, batch.patch_slots)], [out.pooled]
+
+
+def timm_tokens_pooled(peer, parts):
+    outs = timm_forward(peer, parts)
+    return [o[0] for o in outs], [o[1] for o in outs]
+
+
+def train_step(module, forward):
+    """forward + backward of feature_loss; gradients cleared first (both models alike)."""
+    def step():
+        module.zero_grad(set_to_none=True)
+        loss = feature_loss(*forward())
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def timm_equivalence(model_name, overrides, model, peer, batch, batchings, device) -> dict:
+    """Same weights, same tokens: our model with the ``fractional`` factorized lookup (what timm's
+    per-grid table resize computes) against the timm peer, per image maps and pooled vectors."""
+    ours = nd.build_backbone(model_name, **dict(overrides, pos_embed="fractional")).eval().to(device)
+    ours.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = ours(batch)
+        out = {}
+        for name, parts in batchings.items():
+            maps_diff = pooled_diff = 0.0
+            for p, (_, pooled, maps) in zip(parts, timm_forward(peer, parts)):
+                for r, i in enumerate(p.images):
+                    maps_diff = max(maps_diff, float((maps[r] - ref.feature_maps[i]).abs().max()))
+                    pooled_diff = max(pooled_diff, float((pooled[r] - ref.pooled[i]).abs().max()))
+            out[name] = {"feature_maps_max_abs_diff": maps_diff, "pooled_max_abs_diff": pooled_diff}
+    return out
+
+
+def timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats, device) -> dict:
+    """Ours (packed) vs timm NaFlexVit (row-padded and bucketed) at a fixed and at sampled
+    per-image budgets, eval and train, timed round-robin in this run."""
+    import timm
+    from timm.layers import use_fused_attn
+
+    cfg, P = model.cfg, model.cfg.patch_size
+    n_square = (args.max_side // P) ** 2
+    peer, peer_cfg = build_timm_peer(cfg, device)
+    copy_weights_to_timm(model, peer)
+    buckets = timm_bucket_lengths()
+    max_cells = args.max_side // P
+    sampler = ResolutionSampler(min_side=max(1, max_cells // PEER_SAMPLED_MIN_FRACTION) * P,
+                                max_side=max_cells * P, multiple=P)
+    sides = sampler.sample_many(np.random.default_rng(args.seed + 2), len(images))
+    sampled = [sampler.max_tokens(int(s), P) for s in sides]
+    budgets = {"fixed": [min(PEER_FIXED_TOKENS, n_square)] * len(images), "sampled": sampled}
+    result = {
+        "config": {
+            "timm": timm.__version__, "model": "timm.models.naflexvit.NaFlexVit",
+            "cfg": {k: getattr(peer_cfg, k) for k in (
+                "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "pos_embed",
+                "pos_embed_grid_size", "global_pool", "fc_norm", "pool_include_prefix", "act_layer", "class_token",
+                "reg_tokens", "use_key_only_attn_mask", "patchify_channels_last")},
+            "fused_attn": use_fused_attn(), "bucket_lengths": list(buckets),
+            "budgets": {"fixed_tokens": budgets["fixed"][0], "sampled": {
+                "sampler": f"ResolutionSampler(min_side={sampler.min_side}, max_side={sampler.max_side}, "
+                           f"loc={sampler.loc}, scale={sampler.scale}, multiple={P}) -> (side / P)^2 tokens",
+                "seed": args.seed + 2}},
+            "note": "same weights (ours copied in), same resized images on the same per-image grids "
+                    "(pack_images decides them; timm gets the very patch vectors we pack, one image per row, "
+                    "with its own symmetric [B, 1, L, L] padding mask). Timed outputs: ours = model(batch) "
+                    "(feature maps + pooled), timm = forward_features + forward_head(pre_logits) + per-image "
+                    "map views. Train = zero_grad + forward + backward of the mean square of every real "
+                    "token's feature plus that of the pooled vectors. Inputs are prebuilt (not timed). "
+                    "timm's loader also picks each batch's resolution from its bucket; here the grids are ours "
+                    "and each image goes to the shortest bucket that holds it.",
+        },
+        "rows": [],
+    }
+    for budget, tokens_per_image in budgets.items():
+        batch = pack_images(images, **dict(pack_kw, max_tokens=tokens_per_image)).to(device)
+        batchings = timm_batchings(batch, buckets)
+        for parts in batchings.values():
+            check_same_tokens(batch, parts)
+        lay = batch.layout
+        real = sum(lay.num_kept)
+        slots = {"ours": lay.num_sequences * lay.seq_len,
+                 **{k: sum(p.inputs["patch_valid"].numel() for p in v) for k, v in batchings.items()}}
+        if budget == "fixed":
+            result["equivalence"] = timm_equivalence(args.model, overrides, model, peer, batch, batchings, device)
+        for mode in ("eval", "train"):
+            model.train(mode == "train")
+            peer.train(mode == "train")
+            if mode == "eval":
+                fns = {"ours": lambda: model(batch),
+                       **{k: (lambda v=v: timm_forward(peer, v)) for k, v in batchings.items()}}
+            else:
+                fns = {"ours": train_step(model, lambda: ours_tokens_pooled(model, batch)),
+                       **{k: train_step(peer, lambda v=v: timm_tokens_pooled(peer, v)) for k, v in batchings.items()}}
+            log(f"\ntimm peer, {budget} budgets, {mode}: {warmup} warmup + {repeats} timed rounds over {list(fns)}")
+            with torch.set_grad_enabled(mode == "train"):
+                timings = time_interleaved(fns, warmup=warmup, repeats=repeats, device=device, log=log)
+            med = {k: t.median_s for k, t in timings.items()}
+            row = {
+                "budget": budget, "mode": mode, "images": lay.num_images, "real_tokens": real,
+                "tokens_per_image": {"min": min(lay.num_kept), "median": statistics.median(lay.num_kept),
+                                     "max": max(lay.num_kept)},
+                "real_tokens_per_image_equal": True,  # check_same_tokens raised otherwise
+                "slots": slots, "pad_fraction": {k: 1 - real / v for k, v in slots.items()},
+                "timm_bucketed_lengths": [p.inputs["patch_valid"].shape[1] for p in batchings["timm_bucketed"]],
+                "imgs_per_s": {k: lay.num_images / v for k, v in med.items()},
+                "ours_vs": {k: med[k] / med["ours"] for k in batchings},
+                # less sensitive to other load on the machine than the medians of wall time
+                "ours_vs_cpu_time": {k: timings[k].median_cpu_s / timings["ours"].median_cpu_s for k in batchings},
+                "ours_vs_min_wall": {k: timings[k].min_s / timings["ours"].min_s for k in batchings},
+                "timings": {k: t.as_dict() for k, t in timings.items()},
+            }
+            best = min(batchings, key=med.get)
+            row["ours_vs_timm_best"] = {"peer": best, "ratio": med[best] / med["ours"]}
+            result["rows"].append(row)
+    model.eval()
+    return result
+
+
 # ---- profiling ----------------------------------------------------------------------------
 def op_profile(fn, top: int = 20) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -371,7 +655,8 @@ def main(argv=None) -> dict:
         "smallest pad fraction ANY packer can reach on these run lengths with a shrinkable seq_len "
         "(multiple of 8); exact=False means the search budget ran out and the value is only a lower bound"
     )
-    packing["batch_size_sweep"] = packing_batch_sweep(P, n_square, npref, seq_len, args.seed, args.max_side)
+    packing["batch_size_sweep"] = packing_batch_sweep(P, n_square, npref, seq_len, args.seed, args.max_side,
+                                                      sample=mode["sweep_sample"])
     packing["tokens_per_image"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
                                    "total": tokens}
     log("pad fraction: " + ", ".join(f"{k}={packing[k]['pad_fraction']:.4f}" for k in
@@ -463,6 +748,9 @@ def main(argv=None) -> dict:
         diff_pooled = max(float((out_p.pooled[i] - o.pooled[0]).abs().max()) for i, o in enumerate(outs_i))
         del kept, out_p, outs_i
 
+    peer = None if args.no_timm else timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats,
+                                                         device)
+
     # ---- results -----------------------------------------------------------------------------
     med = {k: t.median_s for k, t in timings.items()}
     throughput = {f"{k}_imgs_per_s": num_images / v for k, v in med.items()}
@@ -546,6 +834,10 @@ def main(argv=None) -> dict:
     if lucid is not None:
         targets["packed_vs_vit_pytorch_navit"] = target(ratios["packed_vs_vit_pytorch_navit"], ">=", 1.5,
                                                         "ratios.packed_vs_vit_pytorch_navit")
+    for i, row in enumerate(peer["rows"] if peer else []):
+        targets[f"packed_vs_timm_naflexvit_{row['budget']}_{row['mode']}"] = target(
+            row["ours_vs_timm_best"]["ratio"], ">=", PEER_TARGETS[row["budget"]],
+            f"timm_naflexvit.rows[{i}].ours_vs_timm_best.ratio ({row['budget']} budgets, {row['mode']})")
 
     result = {
         "config": {
@@ -596,6 +888,7 @@ def main(argv=None) -> dict:
         "flops": flops,
         "memory": memory,
         "equivalence": equivalence,
+        "timm_naflexvit": peer,
         "targets": targets,
     }
 
@@ -610,6 +903,8 @@ def main(argv=None) -> dict:
         + (f" square={human_bytes(peak_square)}" if peak_square is not None else "")
         + (f" vit_pytorch={human_bytes(peak_lucid)}" if peak_lucid is not None else ""))
     log(f"equivalence max_abs_diff={equivalence['max_abs_diff']:.3e} (square plain-vs-navit {square_check})")
+    if peer:
+        print_peer_table(peer)
     for name, t in targets.items():
         log(f"target {name}: {t['status']} ({t['metric']}: {t['value']:.4g} {t['op']} {t['threshold']:.4g})")
 
