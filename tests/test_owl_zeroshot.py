@@ -95,3 +95,31 @@ def test_fine_tune_the_imported_detector_then_evaluate_its_checkpoint(setup):
     assert load_tool("eval_lvis").main(argv) == 0
     (row,) = json.loads(report.read_text())["rows"]  # the architecture from config.json, the weights from the checkpoint
     assert row["layout"] == "native" and row["images"] == 8 and 0 <= row["AP"] <= 1
+
+
+def test_square_padded_detections_are_clipped_to_the_image(setup):
+    """A box over the square canvas is clipped to the real image, not to the padding."""
+    from navit_dense.engine.config import load_config, to_object
+    from navit_dense.engine.registry import get_task
+    from navit_dense.engine.task import PackPlan
+    from navit_dense.models.heads.owl import DetectorOutput, OwlOutput
+
+    _, _, overrides = setup
+    task = get_task("detection")(to_object(load_config(CONFIG, [*overrides, "data.square_pad=true"])))
+    ds = task.build_dataset("val")
+    samples = [ds[i] for i in range(3)]
+    plan = PackPlan(max_tokens=[64] * 3, seed=0, patch_size=16, seq_len=72, num_prefix_tokens=1, algorithm="balanced", token_drop=None)
+    batch, targets = task.collate(samples, plan)
+    assert all(h == w for h, w in batch.layout.image_sizes)  # packed as squares
+    T, K = batch.layout.token_offsets[-1], len(task.categories())
+    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]]).expand(T, 4)  # every token: the whole square canvas
+    owl = OwlOutput(torch.zeros(T, K), whole, None, torch.zeros(T, 1), batch.patch_image,
+                    torch.zeros(T, dtype=torch.long), torch.tensor(batch.layout.token_offsets), batch.layout.token_offsets)  # fmt: skip
+    evaluator = task.build_evaluator()
+    evaluator.process(DetectorOutput(owl, batch), targets)
+    sizes = {t["image_id"]: t["orig_size"] for t in targets}
+    assert evaluator.results and any(max(sizes[r["image_id"]]) > min(sizes[r["image_id"]]) for r in evaluator.results)
+    for r in evaluator.results:
+        H, W = sizes[r["image_id"]]
+        x, y, w, h = r["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= W + 1e-3 and y + h <= H + 1e-3

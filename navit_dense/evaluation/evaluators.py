@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import clip_boxes_to_image
 
 from ..models.heads.owl import DetectorOutput, postprocess, to_coco_results
 from ..models.heads.segmenter import SegOutput, class_map, upsample
@@ -47,6 +48,9 @@ class LvisEvaluator:
         scale = torch.tensor([t["scale"] for t in targets], dtype=torch.float32)
         dets = postprocess(outputs.owl, outputs.batch, self.topk, self.nms_iou, self.score_thresh,
                            use_objectness=self.use_objectness, scale=scale)  # fmt: skip
+        for d, t in zip(dets, targets):  # a square-padded image (data.square_pad) is larger than the image itself
+            if "orig_size" in t:
+                d["boxes"] = clip_boxes_to_image(d["boxes"], tuple(int(v) for v in t["orig_size"]))
         ids = [t["image_id"] for t in targets]
         self.results += to_coco_results(dets, ids, self.category_ids)
         self.image_ids.update(ids)
