@@ -141,3 +141,14 @@ def test_single_process_nccl_ddp(tmp_path):
         assert float(t) == 1.0
     finally:
         dist.destroy_process_group()
+
+
+def test_micro_batches_are_pinned_for_asynchronous_copies():
+    from navit_dense.engine.data import MicroBatch
+
+    batch = pack_images([torch.rand(3, 40, 60), torch.rand(3, 90, 30)], P, 16, 64)
+    m = MicroBatch(batch, [{"labels": torch.tensor([1]), "boxes": torch.rand(1, 4), "image_id": 3}], 0, 0, {})
+    pinned = m.pin_memory()
+    assert pinned.batch.patches.is_pinned() and pinned.batch.patch_slots.is_pinned()
+    assert pinned.targets[0]["boxes"].is_pinned() and pinned.targets[0]["image_id"] == 3
+    assert pinned.batch.layout is batch.layout

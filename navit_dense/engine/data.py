@@ -6,7 +6,7 @@ import random
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,6 +26,21 @@ class MicroBatch:
     epoch: int
     step: int  # step within the epoch
     skipped: dict[str, int]  # training samples dropped from this batch, per reason (DataError.reason)
+
+    def pin_memory(self) -> "MicroBatch":
+        """Page-locked copies of every tensor (the DataLoader calls this with pin_memory=True on
+        CUDA), so the trainer's non-blocking copies to the device overlap with compute."""
+        return replace(self, batch=self.batch.pin_memory() if self.batch is not None else None, targets=_pinned(self.targets))
+
+
+def _pinned(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.pin_memory()
+    if isinstance(obj, dict):
+        return {k: _pinned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pinned(v) for v in obj)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         collate_fn=collate,
         num_workers=d.num_workers,
         persistent_workers=d.num_workers > 0,
+        pin_memory=cfg.train.device != "cpu" and torch.cuda.is_available(),
         # Its own generator: otherwise every new iterator draws from the global torch RNG,
         # which would shift model randomness (drop path) between a resumed and a straight run.
         generator=torch.Generator().manual_seed(cfg.seed),
