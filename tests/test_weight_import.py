@@ -252,3 +252,28 @@ def test_siglip2_unsupported_configs():
     for bad, match in [(dict(num_patches=60), "square"), (dict(hidden_act="relu"), "activation")]:
         with pytest.raises(ValueError, match=match):
             navit_from_siglip2(Siglip2VisionModel(Siglip2VisionConfig(**{**SIGLIP_SMALL, **bad})))
+
+
+@pytest.mark.parametrize("fmt", ["NCHW", "NLC"])
+def test_forward_intermediates_follows_timms_signature_and_values(fmt):
+    """NaViT.forward_intermediates(batch, indices, return_prefix_tokens, norm, stop_early,
+    output_fmt, intermediates_only) gives, per image, what timm's gives for that image alone."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4, reg_tokens=2).eval()
+    net = navit_from_timm(vit)
+    image = torch.randn(3, 64, 64)
+    with torch.no_grad():
+        ref_final, ref = vit.forward_intermediates(image[None], indices=[1, -1], return_prefix_tokens=True, norm=True, output_fmt=fmt)
+        batch = pack_images([image, torch.randn(3, 48, 32)], 16, 24, 64, num_prefix_tokens=net.num_prefix_tokens)
+        final, ours = net.forward_intermediates(batch, indices=[1, -1], return_prefix_tokens=True, norm=True, output_fmt=fmt)
+        only = net.forward_intermediates(batch, indices=2, intermediates_only=True, stop_early=True)
+    assert len(ours) == 2 and all(len(layer) == 2 for layer in ours)  # layers x images
+    for (ref_map, ref_prefix), layer in zip(ref, ours):
+        our_map, our_prefix = layer[0]
+        got = our_map if fmt == "NCHW" else our_map[None]
+        torch.testing.assert_close(got[None] if fmt == "NCHW" else got, ref_map, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(our_prefix, ref_prefix[0], atol=1e-4, rtol=1e-4)
+    assert final.shape[:2] == batch.segment_ids.shape
+    assert len(only) == 2 and [tuple(m.shape[1:]) for m in only[0]] == list(batch.layout.grids)  # the last 2 blocks, per image
+    with pytest.raises(ValueError, match="stop_early"):
+        net.forward_intermediates(batch, stop_early=True)

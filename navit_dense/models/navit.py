@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 from timm.layers import GELUTanh, LayerScale, Mlp, QuickGELU
+from timm.models._features import feature_take_indices
 
 from ..data.packed_batch import PackedBatch
 from .attention import AttentionContext, packed_attention
@@ -240,22 +241,61 @@ class NaViT(nn.Module):
         return self.norm_pre(x)
 
     # ---- timm-style API ---------------------------------------------------------------------
-    def forward_intermediates(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(final normed tokens [S, L, D], {layer: packed tokens [S, L, D]} for out_indices)."""
+    def _run_blocks(self, batch: PackedBatch, take: set[int], norm: bool, last: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(tokens after block ``last`` (default: all blocks), {i: tokens after block i} for i in
+        ``take``, passed through the final norm when ``norm``)."""
         self._check(batch)
         ctx = AttentionContext(batch, self.cfg.attn_kernel)
         x = self.embed(batch)
         inter: dict[int, torch.Tensor] = {}
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[: None if last is None else last + 1]):
             x = block(x, ctx)
-            if i in self.out_indices:
-                inter[i] = self.norm(x) if self.cfg.feature_norm else x
+            if i in take:
+                inter[i] = self.norm(x) if norm else x
+        return x, inter
+
+    def _features(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(final normed tokens [S, L, D], {layer: packed tokens [S, L, D]} for the config's out_indices)."""
+        x, inter = self._run_blocks(batch, set(self.out_indices), self.cfg.feature_norm)
         last = len(self.blocks) - 1
         final = inter[last] if (last in inter and self.cfg.feature_norm) else self.norm(x)
         return final, inter
 
+    def forward_intermediates(
+        self,
+        batch: PackedBatch,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's ``forward_intermediates``, per image: the outputs of blocks ``indices`` (last n
+        if an int, all if None, negative counting from the end), each a list over images in
+        input order of [D, h_i, w_i] maps ("NCHW"; dropped cells hold the mask token, or zeros)
+        or [h_i * w_i, D] row-major tokens ("NLC"); with ``return_prefix_tokens`` each image's
+        entry is a (map, [num_prefix_tokens, D]) pair. Returns that list when
+        ``intermediates_only``, else (final normed packed tokens [S, L, D], the list).
+        ``stop_early`` skips the blocks after the last one asked for (then no final tokens)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        if stop_early and not intermediates_only:
+            raise ValueError("stop_early needs intermediates_only=True: the final tokens need every block")
+        x, inter = self._run_blocks(batch, set(take), norm, last if stop_early else None)
+        out = []
+        for i in take:
+            maps = unpack_to_maps(inter[i], batch, self.mask_token)
+            if output_fmt == "NLC":
+                maps = [m.flatten(1).T for m in maps]
+            if return_prefix_tokens and self.num_prefix_tokens:
+                maps = list(zip(maps, unpack_prefix(inter[i], batch).unbind(0)))
+            out.append(maps)
+        return out if intermediates_only else (self.norm(x), out)
+
     def forward_features(self, batch: PackedBatch) -> torch.Tensor:
-        return self.forward_intermediates(batch)[0]
+        return self._features(batch)[0]
 
     def forward_head(self, x: torch.Tensor, batch: PackedBatch, pre_logits: bool = False) -> torch.Tensor | None:
         pool = self.cfg.global_pool
@@ -273,7 +313,7 @@ class NaViT(nn.Module):
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, batch: PackedBatch) -> NaViTOutput:
-        final, inter = self.forward_intermediates(batch)
+        final, inter = self._features(batch)
         maps = {i: unpack_to_maps(t, batch, self.mask_token) for i, t in inter.items()}
         return NaViTOutput(
             tokens=final,
