@@ -26,11 +26,15 @@ KERNELS = ("auto", "segment", "flex", "varlen", "dense")
 class AttentionContext:
     """Per-forward precomputation shared by all blocks (masks are built lazily, once)."""
 
-    def __init__(self, batch: PackedBatch, kernel: str = "auto"):
+    def __init__(self, batch: PackedBatch, kernel: str = "auto", rope: torch.Tensor | None = None, rope_half: bool = False):
+        """rope: [S, 1, L, 2 * head_dim] (sin, cos) rotary embedding of every packed token, applied
+        to q and k by the blocks (identity at prefix slots and padding); rope_half: its channel
+        layout (rotate-half instead of interleaved pairs)."""
         if kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
         self.batch = batch
         self.kernel = kernel
+        self.rope, self.rope_half = rope, rope_half
         self._cache: dict[str, object] = {}
 
     def resolve(self, dtype: torch.dtype) -> str:

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
-from timm.layers import GELUTanh, LayerScale, Mlp, QuickGELU
+from timm.layers import GELUTanh, LayerScale, Mlp, QuickGELU, apply_rot_embed_cat
 from timm.models._features import feature_take_indices
 
 from ..data.packed_batch import PackedBatch
 from .attention import AttentionContext, packed_attention
-from .pos_embed import build_pos_embed
+from .pos_embed import build_pos_embed, build_rope, packed_rope
 from .unpack import maps_to_padded, unpack_prefix, unpack_to_maps
 
 
@@ -41,6 +41,15 @@ class NaViTConfig:
     pos_embed_grid: int = 64  # table size (cells per side) of learned embeddings
     pos_embed_mode: str = "bicubic"  # learned2d resize: bicubic (timm) | bilinear (SigLIP2)
     pos_embed_antialias: bool = True
+    rope: str = "none"  # 2D rotary embedding on q/k of patch tokens: none | cat (axial: EVA02, PE, RoPE-ViT) | dinov3
+    rope_temperature: float = 10000.0
+    rope_rotate_half: bool = False  # channel layout: rotate-half instead of interleaved pairs (as the checkpoint needs)
+    rope_grid_offset: float = 0.0
+    rope_grid_indexing: str = "ij"
+    rope_ref_grid: int = 0  # cat: rescale coordinates to this reference grid side (EVA02's ref_feat_shape); 0: none
+    rope_shift_coords: float | None = None  # dinov3 train-time coordinate augmentations
+    rope_jitter_coords: float | None = None
+    rope_rescale_coords: float | None = None
     global_pool: str = "map"  # map | avg | token | none (dense heads that need no pooled vector)
     fc_norm: bool = False  # norm after pooling instead of before (timm semantics)
     map_include_prefix: bool = True  # MAP also attends to prefix tokens (timm 1.0.31 default: patches only)
@@ -90,9 +99,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         S, L, D = x.shape
         q, k, v = self.qkv(x).view(S, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # Under autocast LayerNorm (qk_norm) returns fp32 while v keeps the autocast dtype: one
-        # dtype for every kernel (FlexAttention's backward refuses mixed ones).
-        out = packed_attention(self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype), v, ctx)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rope is not None:  # [S, 1, L, 2 * Dh], built once per forward by the backbone
+            q, k = apply_rot_embed_cat(q, ctx.rope, half=ctx.rope_half), apply_rot_embed_cat(k, ctx.rope, half=ctx.rope_half)
+        # Under autocast LayerNorm (qk_norm) and the rotation return fp32 while v keeps the
+        # autocast dtype: one dtype for every kernel (FlexAttention's backward refuses mixed ones).
+        out = packed_attention(q.to(v.dtype), k.to(v.dtype), v, ctx)
         return self.proj(out.reshape(S, L, D))
 
 
@@ -197,6 +209,10 @@ class NaViT(nn.Module):
             nn.init.normal_(self.prefix_tokens, std=1e-6 if cfg.class_token else 0.02)
             embed_prefix = cfg.pos_embed != "none" and not cfg.no_embed_class
             self.prefix_pos = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, dim)) if embed_prefix else None
+        self.rope = build_rope(cfg.rope, dim, cfg.num_heads, temperature=cfg.rope_temperature, rotate_half=cfg.rope_rotate_half,
+                               grid_offset=cfg.rope_grid_offset, grid_indexing=cfg.rope_grid_indexing, ref_grid=cfg.rope_ref_grid,
+                               shift_coords=cfg.rope_shift_coords, jitter_coords=cfg.rope_jitter_coords,
+                               rescale_coords=cfg.rope_rescale_coords)  # fmt: skip
         self.norm_pre = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace, without a tensor (meta-device builds)
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
@@ -245,7 +261,8 @@ class NaViT(nn.Module):
         """(tokens after block ``last`` (default: all blocks), {i: tokens after block i} for i in
         ``take``, passed through the final norm when ``norm``)."""
         self._check(batch)
-        ctx = AttentionContext(batch, self.cfg.attn_kernel)
+        rope = packed_rope(self.rope, batch) if self.rope is not None else None  # once per forward, every block
+        ctx = AttentionContext(batch, self.cfg.attn_kernel, rope=rope, rope_half=self.cfg.rope_rotate_half)
         x = self.embed(batch)
         inter: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[: None if last is None else last + 1]):

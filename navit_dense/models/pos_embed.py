@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+from timm.layers import create_rope_embed, resample_abs_pos_embed
 
 from ..data.packed_batch import PackedBatch
 
@@ -124,3 +124,46 @@ def build_pos_embed(kind: str, dim: int, max_grid: int, **kwargs) -> nn.Module |
         return None
     raise ValueError(f"unknown pos_embed {kind!r}; choose one of {POS_EMBED_TYPES}")
 
+
+# ---- rotary position embeddings (2D RoPE) --------------------------------------------------------
+ROPE_TYPES = ("none", "cat", "dinov3")
+
+
+def build_rope(kind: str, dim: int, num_heads: int, *, temperature: float = 10000.0, rotate_half: bool = False,
+               grid_offset: float = 0.0, grid_indexing: str = "ij", ref_grid: int = 0, shift_coords: float | None = None,
+               jitter_coords: float | None = None, rescale_coords: float | None = None) -> nn.Module | None:  # fmt: skip
+    """timm's rotary embedding module (``timm.layers.create_rope_embed``) with the arguments
+    timm's Eva passes for a dynamic image size: "cat" is axial RoPE (EVA02, Perception
+    Encoder, RoPE-ViT axial; ``ref_grid`` rescales coordinates to a reference grid), "dinov3"
+    uses coordinates normalized per image with DINOv3's train-time shift / jitter / rescale."""
+    if kind == "none":
+        return None
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unknown rope {kind!r}; choose one of {ROPE_TYPES}")
+    options = dict(feat_shape=None, temperature=temperature, grid_indexing=grid_indexing, rotate_half=rotate_half,
+                   shift_coords=shift_coords, jitter_coords=jitter_coords, rescale_coords=rescale_coords, grid_offset=grid_offset)  # fmt: skip
+    if kind == "cat":
+        options.update(in_pixels=False, ref_feat_shape=(ref_grid, ref_grid) if ref_grid else None)
+    return create_rope_embed(rope_type=kind, dim=dim, num_heads=num_heads, **options)
+
+
+def packed_rope(rope: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """float [S, 1, L, 2 * head_dim] concatenated (sin, cos) per packed token: each patch token
+    gets its own image grid's embedding at its own (row, col), so dropped tokens leave the kept
+    ones' coordinates unchanged; prefix slots and padding get the identity rotation (sin 0,
+    cos 1). One table per distinct grid, or per image while coordinate augmentation is active
+    (one draw per image, as timm's batched DINOv3 embeddings)."""
+    lay = batch.layout
+    augment = rope.training and getattr(rope, "aug_active", False)
+    groups = {(i,): g for i, g in enumerate(lay.grids)} if augment else {imgs: g for g, imgs in lay.grid_groups.items()}
+    tables, starts, offset = [], [0] * lay.num_images, 0
+    for images, (h, w) in groups.items():
+        tables.append(rope.get_embed((h, w)).float().reshape(h * w, -1))
+        for i in images:
+            starts[i] = offset
+        offset += h * w
+    table = torch.cat(tables).to(batch.device)
+    index = torch.tensor(starts, dtype=torch.long, device=batch.device)[batch.segment_ids.clamp(min=0)] + batch.token_index.clamp(min=0)
+    emb = table[index]  # [S, L, 2 * Dh]
+    identity = torch.cat([torch.zeros_like(emb[..., : emb.shape[-1] // 2]), torch.ones_like(emb[..., emb.shape[-1] // 2 :])], -1)
+    return torch.where((batch.token_index >= 0)[..., None], emb, identity)[:, None]
