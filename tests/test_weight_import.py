@@ -149,8 +149,8 @@ def test_timm_other_resolutions_match_dynamic_img_size():
 def test_timm_unsupported_features_are_named():
     from timm.layers import SwiGLUPacked
 
-    rope = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **SMALL)
-    with pytest.raises(ValueError, match="rope"):
+    rope = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, **SMALL)  # learned mixed frequencies
+    with pytest.raises(ValueError, match="RotaryEmbeddingMixed"):
         navit_from_timm(rope)
     swiglu = timm.create_model(
         "vit_base_patch16_224", pretrained=False, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, **SMALL
@@ -277,3 +277,30 @@ def test_forward_intermediates_follows_timms_signature_and_values(fmt):
     assert len(only) == 2 and [tuple(m.shape[1:]) for m in only[0]] == list(batch.layout.grids)  # the last 2 blocks, per image
     with pytest.raises(ValueError, match="stop_early"):
         net.forward_intermediates(batch, stop_early=True)
+
+
+@pytest.mark.parametrize(
+    "name, size",
+    [("vit_small_patch16_dinov3", 224), ("vit_small_patch16_rope_224", 224), ("eva02_tiny_patch14_224", 224)],
+)
+def test_timm_eva_family_imports_with_parity(name, size):
+    """DINOv3 (normalized-coordinate RoPE, storage tokens, LayerScale), RoPE-ViT axial and EVA02
+    (axial RoPE with a reference grid, absolute positions, q/v-only bias, SiLU GLU MLP): random
+    timm models, one image at their own input size, patch-token features within 1e-4."""
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, depth=2).eval()
+    net = navit_from_timm(vit)
+    image = torch.randn(3, size, size)
+    n = (size // net.patch_size) ** 2
+    with torch.no_grad():
+        ref = vit.forward_features(image[None])[0, vit.num_prefix_tokens :]
+        batch = pack_images([image, torch.randn(3, size // 2, size)], net.patch_size, n, n + 16, num_prefix_tokens=net.num_prefix_tokens)
+        tokens = net.forward_features(batch)
+        ours = batch.flat(tokens)[batch.patch_slots[:n]]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_unsupported_eva_features_are_named():
+    for name, feature in [("vit_small_patch16_rope_mixed_224", "RotaryEmbeddingMixed"), ("vit_pe_core_tiny_patch16_384", "attention pool")]:
+        with pytest.raises(ValueError, match=feature):
+            navit_from_timm(timm.create_model(name, pretrained=False, depth=1))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
-from timm.layers import GELUTanh, LayerScale, Mlp, QuickGELU, apply_rot_embed_cat
+from timm.layers import GELUTanh, GluMlp, LayerScale, Mlp, QuickGELU, apply_rot_embed_cat
 from timm.models._features import feature_take_indices
 
 from ..data.packed_batch import PackedBatch
@@ -32,6 +32,7 @@ class NaViTConfig:
     qk_norm: bool = False
     init_values: float | None = None  # LayerScale init; None disables it
     act: str = "gelu"  # gelu | gelu_tanh | quick_gelu
+    mlp_type: str = "mlp"  # mlp (fc1, act, fc2) | glu (SiLU-gated: EVA02's GluMlp, fc1 twice as wide)
     norm_eps: float = 1e-6
     pre_norm: bool = False  # LayerNorm before the first block (CLIP-style)
     class_token: bool = False
@@ -83,6 +84,15 @@ def _activation(name: str) -> type[nn.Module]:
     return ACTIVATIONS[name]
 
 
+def _block_mlp(cfg: NaViTConfig) -> nn.Module:
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    if cfg.mlp_type == "glu":  # timm's GluMlp as Eva builds it: act(first half) * second half
+        return GluMlp(cfg.embed_dim, 2 * hidden, act_layer=nn.SiLU, gate_last=False)
+    if cfg.mlp_type != "mlp":
+        raise ValueError(f"mlp_type must be mlp or glu, got {cfg.mlp_type!r}")
+    return Mlp(cfg.embed_dim, hidden, act_layer=_activation(cfg.act))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: NaViTConfig):
         super().__init__()
@@ -118,7 +128,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), act_layer=_activation(cfg.act))
+        self.mlp = _block_mlp(cfg)
         self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.drop_path = drop_path
 

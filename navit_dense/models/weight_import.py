@@ -120,11 +120,132 @@ def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
+def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
+    """Architecture of a timm Eva (EVA02, DINOv3, Perception Encoder, RoPE-ViT); raises naming
+    every feature NaViT lacks. RoPE is carried over as NaViT's own (timm's modules, same
+    arguments); Eva's q/v-only bias becomes a qkv bias whose k part is zero."""
+    from timm.layers import GluMlp, Mlp, PatchEmbed
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+    from timm.models.eva import EvaBlock
+
+    problems: list[str] = []
+    D, pe, blk = model.embed_dim, model.patch_embed, model.blocks[0]
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or pe.patch_size[0] != pe.patch_size[1] or not _is_identity(pe.norm):
+        problems.append("patch embedding other than square, non-overlapping, norm-free PatchEmbed")
+    for i, b in enumerate(model.blocks):
+        if type(b) is not EvaBlock:
+            problems.append(f"block type {type(b).__name__} (blocks.{i}: post-norm blocks)")
+            break
+        a = b.attn
+        if getattr(a, "qkv", None) is None:
+            problems.append("separate q / k / v projections (qkv_fused=False)")
+        if not _is_identity(a.norm):
+            problems.append("attention inner norm (scale_attn_inner)")
+        if getattr(a, "gate", None) is not None:
+            problems.append("gated attention")
+        if not (_is_identity(a.q_norm) and _is_identity(a.k_norm)):
+            problems.append("qk norm inside Eva attention")
+        if getattr(a, "num_kv_heads", a.num_heads) != a.num_heads:
+            problems.append("grouped-query attention (num_kv_heads)")
+        glu = type(b.mlp) is GluMlp and isinstance(b.mlp.act, nn.SiLU) and not b.mlp.gate_last
+        if type(b.mlp) is not Mlp and not glu:
+            problems.append(f"MLP {type(b.mlp).__name__} (supported: Mlp, Eva's SiLU GluMlp)")
+            break
+        if not _is_identity(b.mlp.norm):
+            problems.append("MLP inner norm (scale_mlp)")
+        if (b.gamma_1 is None) != (b.gamma_2 is None):
+            problems.append("LayerScale on the attention branch only")
+    rope = model.rope
+    if rope is None:
+        kind, rope_fields = "none", {}
+    elif type(rope) in (RotaryEmbeddingCat, RotaryEmbeddingDinoV3):
+        kind = "cat" if type(rope) is RotaryEmbeddingCat else "dinov3"
+        if kind == "cat" and (rope.in_pixels or rope.linear_bands or rope.grid_type != "index"):
+            problems.append("axial RoPE in pixel units, linear bands or a non-index grid")
+        if kind == "dinov3" and (rope.normalize_coords != "separate" or rope.min_period is not None or rope.max_period is not None):
+            problems.append("DINOv3 RoPE with non-default coordinate normalization or periods")
+        ref = getattr(rope, "ref_feat_shape", None)
+        if ref is not None and ref[0] != ref[1]:
+            problems.append(f"non-square RoPE reference grid {tuple(ref)}")
+        rope_fields = dict(rope_temperature=float(rope.temperature), rope_rotate_half=bool(blk.attn.rotate_half),
+                           rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
+                           rope_ref_grid=int(ref[0]) if ref is not None else 0, rope_shift_coords=rope.shift_coords,
+                           rope_jitter_coords=rope.jitter_coords, rope_rescale_coords=rope.rescale_coords)  # fmt: skip
+    else:
+        problems.append(f"rotary embedding {type(rope).__name__} (learned mixed frequencies / mrope)")
+    pool = model.global_pool
+    if pool not in ("token", "avg", "map"):
+        problems.append(f"global_pool={pool!r} on an Eva model (supported: token, avg, map)")
+    ap = getattr(model, "attn_pool", None)
+    if pool == "map" and (type(ap).__name__ != "AttentionPoolLatent" or ap.latent_len != 1 or ap.pos_embed is not None
+                          or not (_is_identity(ap.q_norm) and _is_identity(ap.k_norm)) or ap.mlp is None):  # fmt: skip
+        problems.append("attention pool other than one latent with an MLP and no qk norm / position embedding")
+    elif pool == "map" and (ap.num_heads != blk.attn.num_heads or ap.norm.eps != blk.norm1.eps):
+        problems.append(f"attention pool with its own head count ({ap.num_heads} vs {blk.attn.num_heads}) or norm eps "
+                        f"({ap.norm.eps} vs {blk.norm1.eps}) (NaViT's MAP head shares the blocks')")  # fmt: skip
+    reg = model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0
+    grid = pe.grid_size
+    pos = model.pos_embed
+    if pos is not None and grid[0] != grid[1]:
+        problems.append(f"non-square position grid {tuple(grid)}")
+    if problems:
+        raise ValueError(f"unsupported timm {type(model).__name__} feature(s): " + "; ".join(dict.fromkeys(problems)))
+    norms = [m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    is_glu = type(blk.mlp) is not Mlp
+    return dict(
+        patch_size=pe.patch_size[0],
+        in_chans=pe.proj.in_channels,
+        embed_dim=D,
+        depth=len(model.blocks),
+        num_heads=blk.attn.num_heads,
+        mlp_ratio=_mlp_ratio(blk.mlp.fc1.out_features // (2 if is_glu else 1), D),
+        mlp_type="glu" if is_glu else "mlp",
+        qkv_bias=blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None,
+        init_values=1.0 if blk.gamma_1 is not None else None,  # value is overwritten by the weights
+        act=_timm_act(blk.mlp.act) if not is_glu else "gelu",  # a GLU block's SiLU gate is fixed
+        norm_eps=norms[0].eps if norms else 1e-6,
+        pre_norm=not _is_identity(model.norm_pre),
+        class_token=model.cls_token is not None,
+        reg_tokens=reg,
+        no_embed_class=pos is not None and pos.shape[1] == grid[0] * grid[1],
+        pos_embed="learned2d" if pos is not None else "none",
+        pos_embed_grid=grid[0],
+        pos_embed_mode="bicubic",
+        pos_embed_antialias=True,
+        rope=kind,
+        **rope_fields,
+        global_pool=pool,
+        fc_norm=not _is_identity(model.fc_norm),
+        map_include_prefix=True,  # Eva's attention pool sees every token
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+    )
+
+
+def _eva_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Eva tensor names -> timm VisionTransformer names: gamma_1/2 -> ls1/2.gamma, and the q/v
+    biases (k has none) -> one qkv bias with a zero k part."""
+    out = {}
+    for key, value in sd.items():
+        head, _, leaf = key.rpartition(".")
+        if leaf in ("gamma_1", "gamma_2"):
+            out[f"{head}.ls{leaf[-1]}.gamma"] = value
+        elif leaf == "q_bias":
+            out[f"{head}.qkv.bias"] = torch.cat([value, torch.zeros_like(value), sd[f"{head}.v_bias"]])
+        elif leaf != "v_bias":
+            out[key] = value
+    return out
+
+
 def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
-    """Architecture of a timm VisionTransformer; raises naming every feature NaViT lacks."""
+    """Architecture of a timm VisionTransformer (or Eva, see _eva_model_fields); raises naming
+    every feature NaViT lacks."""
     from timm.layers import Mlp, PatchEmbed
     from timm.layers.attention import Attention
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import Block, VisionTransformer
+
+    if isinstance(model, Eva):
+        return _eva_model_fields(model)
 
     problems: list[str] = []
     if getattr(model, "rope", None) is not None or any("rope" in n.lower() for n, _ in model.named_modules()):
@@ -383,6 +504,8 @@ def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     give the architecture; pass num_heads, and norm_eps / act when not timm's defaults)."""
     cfg = config_from_timm(model_or_state_dict, **overrides)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    if isinstance(model_or_state_dict, nn.Module) and type(model_or_state_dict).__name__ == "Eva":
+        sd = _eva_state_dict(sd)
     model = NaViT(cfg)
     return _load(model, convert_timm_state_dict(sd, cfg, reference=model))
 
