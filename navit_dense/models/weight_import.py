@@ -120,6 +120,13 @@ def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
+def _timm_trunk_fields(model: nn.Module, mlp_hidden: int) -> dict[str, Any]:
+    """The sizes every timm ViT-family model states the same way."""
+    pe, blk = model.patch_embed, model.blocks[0]
+    return dict(patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels, embed_dim=model.embed_dim, depth=len(model.blocks),
+                num_heads=blk.attn.num_heads, mlp_ratio=_mlp_ratio(mlp_hidden, model.embed_dim))  # fmt: skip
+
+
 def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
     """Architecture of a timm Eva (EVA02, DINOv3, Perception Encoder, RoPE-ViT); raises naming
     every feature NaViT lacks. RoPE is carried over as NaViT's own (timm's modules, same
@@ -129,7 +136,7 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
     from timm.models.eva import EvaBlock
 
     problems: list[str] = []
-    D, pe, blk = model.embed_dim, model.patch_embed, model.blocks[0]
+    pe, blk = model.patch_embed, model.blocks[0]
     if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or pe.patch_size[0] != pe.patch_size[1] or not _is_identity(pe.norm):
         problems.append("patch embedding other than square, non-overlapping, norm-free PatchEmbed")
     for i, b in enumerate(model.blocks):
@@ -193,12 +200,7 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
     norms = [m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
     is_glu = type(blk.mlp) is not Mlp
     return dict(
-        patch_size=pe.patch_size[0],
-        in_chans=pe.proj.in_channels,
-        embed_dim=D,
-        depth=len(model.blocks),
-        num_heads=blk.attn.num_heads,
-        mlp_ratio=_mlp_ratio(blk.mlp.fc1.out_features // (2 if is_glu else 1), D),
+        **_timm_trunk_fields(model, blk.mlp.fc1.out_features // (2 if is_glu else 1)),
         mlp_type="glu" if is_glu else "mlp",
         qkv_bias=blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None,
         init_values=1.0 if blk.gamma_1 is not None else None,  # value is overwritten by the weights
@@ -336,12 +338,7 @@ def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
         raise ValueError("unsupported timm ViT feature(s): " + "; ".join(dict.fromkeys(problems)))
 
     return dict(
-        patch_size=pe.patch_size[0],
-        in_chans=pe.proj.in_channels,
-        embed_dim=D,
-        depth=len(model.blocks),
-        num_heads=blk.attn.num_heads,
-        mlp_ratio=_mlp_ratio(blk.mlp.fc1.out_features, D),
+        **_timm_trunk_fields(model, blk.mlp.fc1.out_features),
         qkv_bias=blk.attn.qkv.bias is not None,
         qk_norm=not _is_identity(blk.attn.q_norm),
         init_values=1.0 if not _is_identity(blk.ls1) else None,  # value is overwritten by the weights
