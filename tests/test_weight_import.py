@@ -304,3 +304,35 @@ def test_unsupported_eva_features_are_named():
     for name, feature in [("vit_small_patch16_rope_mixed_224", "RotaryEmbeddingMixed"), ("vit_pe_core_tiny_patch16_384", "attention pool")]:
         with pytest.raises(ValueError, match=feature):
             navit_from_timm(timm.create_model(name, pretrained=False, depth=1))
+
+
+def test_timm_naflexvit_imports_with_parity_on_its_own_naflex_input():
+    """naflexvit_base_patch16_gap (channels-last linear patches, learned grid resized per image,
+    register tokens, avg pooling): one image at its own size, and a mixed-aspect batch in timm's
+    own NaFlex format (one image per row, padded, patch_valid) against our packed batch."""
+    torch.manual_seed(0)
+    flex = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2).eval()
+    net = navit_from_timm(flex)
+    P, C = 16, 3
+    g = torch.Generator().manual_seed(1)
+    ims = [torch.randn(3, h, w, generator=g) for h, w in [(256, 256), (96, 224), (208, 64), (128, 160)]]
+    batch = pack_images(ims, P, 256, 1024, num_prefix_tokens=net.num_prefix_tokens)
+    with torch.no_grad():
+        ours = batch.flat(net.forward_features(batch))[batch.patch_slots]
+        ref_square = flex.forward_features(ims[0][None])[0, flex.num_prefix_tokens :]
+        lay = batch.layout
+        torch.testing.assert_close(ours[: lay.token_offsets[1]], ref_square, atol=1e-4, rtol=0)
+        # timm's own format: patches flattened (py, px, c), (row, col) coordinates, padded rows
+        patches = batch.flat(batch.patches)[batch.patch_slots].reshape(-1, C, P, P).permute(0, 2, 3, 1).reshape(-1, P * P * C)
+        coords = batch.flat(batch.positions)[batch.patch_slots]
+        N, longest = lay.num_images, max(lay.num_kept)
+        inputs = {"patches": patches.new_zeros(N, longest, P * P * C), "patch_coord": coords.new_zeros(N, longest, 2),
+                  "patch_valid": torch.zeros(N, longest, dtype=torch.bool)}  # fmt: skip
+        for i in range(N):
+            lo, hi = lay.token_offsets[i], lay.token_offsets[i + 1]
+            inputs["patches"][i, : hi - lo], inputs["patch_coord"][i, : hi - lo], inputs["patch_valid"][i, : hi - lo] = patches[lo:hi], coords[lo:hi], True
+        ref = flex.forward_features(**inputs)
+        ref = ref["patches"] if isinstance(ref, dict) else ref
+        for i in range(N):
+            lo, hi = lay.token_offsets[i], lay.token_offsets[i + 1]
+            torch.testing.assert_close(ours[lo:hi], ref[i, flex.num_prefix_tokens : flex.num_prefix_tokens + hi - lo], atol=1e-4, rtol=0)

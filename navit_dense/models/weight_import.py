@@ -120,11 +120,10 @@ def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def _timm_trunk_fields(model: nn.Module, mlp_hidden: int) -> dict[str, Any]:
+def _timm_trunk_fields(model: nn.Module, mlp_hidden: int, patch_size: int, in_chans: int) -> dict[str, Any]:
     """The sizes every timm ViT-family model states the same way."""
-    pe, blk = model.patch_embed, model.blocks[0]
-    return dict(patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels, embed_dim=model.embed_dim, depth=len(model.blocks),
-                num_heads=blk.attn.num_heads, mlp_ratio=_mlp_ratio(mlp_hidden, model.embed_dim))  # fmt: skip
+    return dict(patch_size=patch_size, in_chans=in_chans, embed_dim=model.embed_dim, depth=len(model.blocks),
+                num_heads=model.blocks[0].attn.num_heads, mlp_ratio=_mlp_ratio(mlp_hidden, model.embed_dim))  # fmt: skip
 
 
 def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
@@ -200,7 +199,7 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
     norms = [m for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
     is_glu = type(blk.mlp) is not Mlp
     return dict(
-        **_timm_trunk_fields(model, blk.mlp.fc1.out_features // (2 if is_glu else 1)),
+        **_timm_trunk_fields(model, blk.mlp.fc1.out_features // (2 if is_glu else 1), pe.patch_size[0], pe.proj.in_channels),
         mlp_type="glu" if is_glu else "mlp",
         qkv_bias=blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None,
         init_values=1.0 if blk.gamma_1 is not None else None,  # value is overwritten by the weights
@@ -221,6 +220,76 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
         map_include_prefix=True,  # Eva's attention pool sees every token
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
     )
+
+
+def _naflex_model_fields(model: nn.Module) -> dict[str, Any]:
+    """Architecture of a timm NaFlexVit: a linear patch embedding (channels-last patches are
+    permuted on import), a learned position grid resized per image (or a factorized one, read
+    at fractional coordinates as NaFlex resizes it), plain ViT blocks."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block
+
+    problems: list[str] = []
+    e, blk = model.embeds, model.blocks[0]
+    if not e.is_linear or e.norm_input is not None or e.patch_size[0] != e.patch_size[1]:
+        problems.append("a NaFlex patch embedding other than linear, square and norm-free")
+    if e.pos_embed_type not in ("learned", "factorized") or e.pos_embed_ar_preserving or e.pos_embed_use_grid_sample:
+        problems.append(f"position embedding {e.pos_embed_type!r} (ar_preserving / grid_sample variants)")
+    for i, b in enumerate(model.blocks):
+        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
+            problems.append(f"blocks.{i}: {type(b).__name__} / {type(b.attn).__name__} / {type(b.mlp).__name__} (supported: ViT Block, Attention, Mlp)")
+            break
+        if not (_is_identity(b.attn.norm) and _is_identity(b.mlp.norm)) or getattr(b.attn, "gate", None) is not None:
+            problems.append("attention / MLP inner norms or gated attention")
+    pool = model.global_pool
+    if pool not in ("token", "avg", "map", ""):
+        problems.append(f"global_pool={pool!r}")
+    if problems:
+        raise ValueError("unsupported timm NaFlexVit feature(s): " + "; ".join(dict.fromkeys(problems)))
+    grid = e.pos_embed_grid_size
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    return dict(
+        **_timm_trunk_fields(model, blk.mlp.fc1.out_features, e.patch_size[0], e.in_chans),
+        qkv_bias=blk.attn.qkv.bias is not None,
+        qk_norm=not _is_identity(blk.attn.q_norm),
+        init_values=1.0 if not _is_identity(blk.ls1) else None,  # value is overwritten by the weights
+        act=_timm_act(blk.mlp.act),
+        norm_eps=norms[0].eps if norms else 1e-6,
+        pre_norm=not _is_identity(model.norm_pre),
+        class_token=e.has_class_token,
+        reg_tokens=e.num_reg_tokens,
+        no_embed_class=True,  # NaFlex adds positions to patch tokens only
+        pos_embed="learned2d" if e.pos_embed_type == "learned" else "fractional",
+        pos_embed_grid=grid[0],
+        pos_embed_mode=e.pos_embed_interp_mode,
+        pos_embed_antialias=bool(e.pos_embed_antialias),
+        global_pool=pool or "none",
+        fc_norm=not _is_identity(model.fc_norm),
+        map_include_prefix=bool(model.pool_include_prefix),
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+    )
+
+
+def _naflex_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """NaFlexVit tensor names -> timm VisionTransformer names (what convert_timm_state_dict reads)."""
+    e, sd = model.embeds, dict(model.state_dict())
+    D, P, C = model.embed_dim, e.patch_size[0], e.in_chans
+    w = sd.pop("embeds.proj.weight")
+    if e.channels_last:  # patches flattened (py, px, c); NaViT's are (c, py, px)
+        w = w.reshape(D, P, P, C).permute(0, 3, 1, 2)
+    out = {"patch_embed.proj.weight": w.reshape(D, C, P, P)}
+    if "embeds.proj.bias" in sd:
+        out["patch_embed.proj.bias"] = sd.pop("embeds.proj.bias")
+    for key in ("cls_token", "reg_token"):
+        if f"embeds.{key}" in sd:
+            out[key] = sd.pop(f"embeds.{key}")
+    if "embeds.pos_embed" in sd:
+        out["pos_embed"] = sd.pop("embeds.pos_embed").reshape(1, -1, D)
+    for axis, ours in (("y", "row"), ("x", "col")):  # factorized tables go straight to NaViT's names
+        if f"embeds.pos_embed_{axis}" in sd:
+            out[f"pos_embed.{ours}"] = sd.pop(f"embeds.pos_embed_{axis}").reshape(-1, D)
+    return {**out, **sd}
 
 
 def _eva_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -248,6 +317,8 @@ def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
 
     if isinstance(model, Eva):
         return _eva_model_fields(model)
+    if type(model).__name__ == "NaFlexVit":
+        return _naflex_model_fields(model)
 
     problems: list[str] = []
     if getattr(model, "rope", None) is not None or any("rope" in n.lower() for n, _ in model.named_modules()):
@@ -338,7 +409,7 @@ def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
         raise ValueError("unsupported timm ViT feature(s): " + "; ".join(dict.fromkeys(problems)))
 
     return dict(
-        **_timm_trunk_fields(model, blk.mlp.fc1.out_features),
+        **_timm_trunk_fields(model, blk.mlp.fc1.out_features, pe.patch_size[0], pe.proj.in_channels),
         qkv_bias=blk.attn.qkv.bias is not None,
         qk_norm=not _is_identity(blk.attn.q_norm),
         init_values=1.0 if not _is_identity(blk.ls1) else None,  # value is overwritten by the weights
@@ -501,8 +572,11 @@ def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     give the architecture; pass num_heads, and norm_eps / act when not timm's defaults)."""
     cfg = config_from_timm(model_or_state_dict, **overrides)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    if isinstance(model_or_state_dict, nn.Module) and type(model_or_state_dict).__name__ == "Eva":
+    kind = type(model_or_state_dict).__name__ if isinstance(model_or_state_dict, nn.Module) else ""
+    if kind == "Eva":
         sd = _eva_state_dict(sd)
+    elif kind == "NaFlexVit":
+        sd = _naflex_state_dict(model_or_state_dict)
     model = NaViT(cfg)
     return _load(model, convert_timm_state_dict(sd, cfg, reference=model))
 
