@@ -211,3 +211,29 @@ def test_every_field_a_hint_can_name_is_a_config_key():
     from navit_dense.models.pretrained import _ARCH_FIELDS
 
     assert set(_ARCH_FIELDS) - {"in_chans"} <= {f.name for f in fields(BackboneConfig)}  # packing is RGB-only
+
+
+def test_dinov3_file_through_the_config_layout(tmp_path):
+    """A timm DINOv3 weights file (random, saved like the hub's model.safetensors) loads through
+    model.backbone.init into the layout configs/_base_/backbones/dinov3_vit_small_patch16.yaml
+    describes, and the NaViT then computes timm's patch features; the detection and segmentation
+    configs built on that layout resolve."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=2).eval()
+    save_file(vit.state_dict(), str(tmp_path / "model.safetensors"))
+    c = to_object(load_config(ROOT / "configs" / "detection" / "owl_navit_dinov3_s16_lvis.yaml", [f"model.backbone.init.path={tmp_path / 'model.safetensors'}", "model.backbone.depth=2"]))
+    b = c.model.backbone
+    net = build_backbone(b.name, **b.overrides()).eval()
+    report = load_pretrained(net, b.init.path, b.init.format)
+    assert report["format"] == "timm"
+    assert all(k.startswith(("attn_pool.", "head.", "fc_norm.", "mask_token")) for k in report["kept_initialised"])  # the trunk is loaded
+    image = torch.randn(3, 160, 224)
+    with torch.no_grad():
+        ref = vit.forward_features(image[None])[0, vit.num_prefix_tokens :]
+        batch = pack_images([image], 16, 140, 160, num_prefix_tokens=net.num_prefix_tokens)
+        ours = batch.flat(net.forward_features(batch))[batch.patch_slots]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    seg = to_object(load_config(ROOT / "configs" / "segmentation" / "segmenter_linear_navit_dinov3_s16_ade20k.yaml"))
+    assert seg.model.backbone.rope == "dinov3" and seg.model.backbone.reg_tokens == 4

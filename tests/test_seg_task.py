@@ -261,7 +261,8 @@ def _overrides(cfg) -> list[str]:
             "model.backbone.num_heads=2", "data.max_tokens_per_image=64", "data.seq_len=256", "data.tokens_per_batch=512"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["segmenter_linear_tiny_synthetic", "segmenter_mask_tiny_synthetic", "segmenter_linear_navit_b16_ade20k"])
+@pytest.mark.parametrize("name", ["segmenter_linear_tiny_synthetic", "segmenter_mask_tiny_synthetic", "segmenter_linear_navit_b16_ade20k",
+                                  "segmenter_linear_navit_dinov3_s16_ade20k"])
 def test_configs_load_and_build(name):
     c = to_object(load_config(ROOT / "configs" / "segmentation" / f"{name}.yaml"))
     task = get_task("segmentation")(c)

@@ -516,9 +516,11 @@ def config_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
 def convert_timm_state_dict(
     state_dict: Mapping[str, torch.Tensor], cfg: NaViTConfig, reference: NaViT | None = None
 ) -> dict[str, torch.Tensor]:
-    """timm VisionTransformer tensors -> NaViT state dict for ``cfg`` (see config_from_timm).
-    ``reference``: a NaViT built from cfg, to read target shapes without building another."""
-    sd = dict(state_dict)
+    """timm VisionTransformer tensors (or Eva's: DINOv3, EVA02, RoPE-ViT) -> NaViT state dict
+    for ``cfg`` (see config_from_timm). ``reference``: a NaViT built from cfg, to read target
+    shapes without building another."""
+    eva = any(k.endswith((".gamma_1", ".q_bias")) for k in state_dict)
+    sd = _eva_state_dict(state_dict) if eva else dict(state_dict)
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
@@ -573,9 +575,7 @@ def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     cfg = config_from_timm(model_or_state_dict, **overrides)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     kind = type(model_or_state_dict).__name__ if isinstance(model_or_state_dict, nn.Module) else ""
-    if kind == "Eva":
-        sd = _eva_state_dict(sd)
-    elif kind == "NaFlexVit":
+    if kind == "NaFlexVit":
         sd = _naflex_state_dict(model_or_state_dict)
     model = NaViT(cfg)
     return _load(model, convert_timm_state_dict(sd, cfg, reference=model))
