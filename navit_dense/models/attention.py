@@ -65,7 +65,8 @@ def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
     # autograd accumulates one stack / cat per sequence: O(tokens) backward, not a full-size
     # zero-filled gradient per image view (per-image slicing made ~30% of a training step).
     S, H, L, Dh = q.shape
-    pieces = ctx.cached("segment_pieces", lambda: _sequence_pieces(ctx.batch.layout))
+    lay = ctx.batch.layout
+    pieces = lay.derived("segment_pieces", lambda: _sequence_pieces(lay))
     out = []
     for (sizes, is_run), qs, ks, vs in zip(pieces, q.unbind(0), k.unbind(0), v.unbind(0)):
         parts = []

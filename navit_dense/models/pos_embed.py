@@ -25,6 +25,23 @@ def _lerp_lookup(table: torch.Tensor, coord: torch.Tensor) -> torch.Tensor:
     return table[lo] * (1 - t) + table[hi] * t
 
 
+def gather_grid_tables(batch: PackedBatch, table_for, per_image: bool = False) -> torch.Tensor:
+    """[S, L, C]: for every patch token, row ``row * w + col`` of its image's [h * w, C] table
+    ``table_for(h, w)`` (built once per distinct grid, known on the host from the layout, or
+    once per image with ``per_image``), in one gather. Prefix slots and padding get some
+    table's row 0: callers mask them."""
+    lay = batch.layout
+    groups = {(i,): g for i, g in enumerate(lay.grids)} if per_image else {imgs: g for g, imgs in lay.grid_groups.items()}
+    tables, starts, offset = [], [0] * lay.num_images, 0
+    for images, (h, w) in groups.items():
+        tables.append(table_for(h, w))
+        for i in images:
+            starts[i] = offset
+        offset += h * w
+    start = torch.tensor(starts, dtype=torch.long, device=batch.device)
+    return torch.cat(tables).to(batch.device)[start[batch.segment_ids.clamp(min=0)] + batch.token_index.clamp(min=0)]
+
+
 class FactorizedPosEmbed(nn.Module):
     """Separate learned row and column tables, summed (the paper's best variant).
 
@@ -97,16 +114,7 @@ class Learned2dPosEmbed(nn.Module):
         return table[0]
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        # One resize per distinct grid (known on the host from the layout), then one gather.
-        tables, starts, offset = [], [0] * batch.layout.num_images, 0
-        for (h, w), images in batch.layout.grid_groups.items():
-            tables.append(self.resized(h, w))
-            for i in images:
-                starts[i] = offset
-            offset += h * w
-        start = torch.tensor(starts, dtype=torch.long, device=batch.device)
-        index = start[batch.segment_ids.clamp(min=0)] + batch.token_index.clamp(min=0)
-        emb = torch.cat(tables, 0)[index]
+        emb = gather_grid_tables(batch, self.resized)
         return emb * (batch.token_index >= 0).unsqueeze(-1).to(emb.dtype)
 
 
@@ -153,17 +161,7 @@ def packed_rope(rope: nn.Module, batch: PackedBatch) -> torch.Tensor:
     ones' coordinates unchanged; prefix slots and padding get the identity rotation (sin 0,
     cos 1). One table per distinct grid, or per image while coordinate augmentation is active
     (one draw per image, as timm's batched DINOv3 embeddings)."""
-    lay = batch.layout
     augment = rope.training and getattr(rope, "aug_active", False)
-    groups = {(i,): g for i, g in enumerate(lay.grids)} if augment else {imgs: g for g, imgs in lay.grid_groups.items()}
-    tables, starts, offset = [], [0] * lay.num_images, 0
-    for images, (h, w) in groups.items():
-        tables.append(rope.get_embed((h, w)).float().reshape(h * w, -1))
-        for i in images:
-            starts[i] = offset
-        offset += h * w
-    table = torch.cat(tables).to(batch.device)
-    index = torch.tensor(starts, dtype=torch.long, device=batch.device)[batch.segment_ids.clamp(min=0)] + batch.token_index.clamp(min=0)
-    emb = table[index]  # [S, L, 2 * Dh]
+    emb = gather_grid_tables(batch, lambda h, w: rope.get_embed((h, w)).float().reshape(h * w, -1), per_image=augment)  # [S, L, 2 * Dh]
     identity = torch.cat([torch.zeros_like(emb[..., : emb.shape[-1] // 2]), torch.ones_like(emb[..., emb.shape[-1] // 2 :])], -1)
     return torch.where((batch.token_index >= 0)[..., None], emb, identity)[:, None]

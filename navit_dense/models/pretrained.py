@@ -40,7 +40,8 @@ TASK_SPECIFIC = ("head.", "attn_pool.", "mask_token")
 # Fields that describe what a checkpoint's weights compute (the rest are run-time choices).
 _ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm",
                 "init_values", "act", "norm_eps", "pre_norm", "fc_norm", "class_token", "reg_tokens", "no_embed_class",
-                "pos_embed", "pos_embed_grid", "pos_embed_mode", "pos_embed_antialias")  # fmt: skip
+                "pos_embed", "pos_embed_grid", "pos_embed_mode", "pos_embed_antialias", "mlp_type", "rope", "rope_temperature",
+                "rope_rotate_half", "rope_grid_offset", "rope_grid_indexing", "rope_ref_grid")  # fmt: skip
 _SIGNATURES = {  # format -> a key only that format has
     "timm": "patch_embed.proj.weight",
     "siglip2": "embeddings.patch_embedding.weight",
