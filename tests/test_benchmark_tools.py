@@ -131,7 +131,7 @@ def backbone_report(tmp_path_factory):
     """tools/benchmark_backbone.py at toy size (depth 1, 5 images, 64 px): structure only."""
     out = tmp_path_factory.mktemp("bench") / "backbone.json"
     argv = ["--json", str(out), "--depth", "1", "--num-images", "5", "--max-side", "64", "--warmup", "0",
-            "--repeats", "1", "--threads", "1", "--no-vit-pytorch"]
+            "--repeats", "1", "--threads", "1", "--no-vit-pytorch", "--window-side", "128", "--window-size", "3"]
     try:
         load_tool("benchmark_backbone").main(argv)
     finally:
@@ -179,6 +179,29 @@ def test_benchmark_backbone_reports_timm_naflexvit_rows_and_targets(backbone_rep
     # same weights, same tokens: the peer computes our function (fractional positional lookup)
     for diffs in peer["equivalence"].values():
         assert max(diffs.values()) <= 1e-4
+
+
+def test_benchmark_backbone_reports_windowed_attention_rows(backbone_report):
+    windows, depth, D = backbone_report["windows"], backbone_report["config"]["depth"], backbone_report["config"]["embed_dim"]
+    cfg, (glob, win) = windows["config"], windows["rows"]
+    assert (glob["variant"], win["variant"]) == ("global", "windowed") and cfg["window_size"] == win["window_size"] == 3
+    grids = [tuple(g) for g in cfg["grids_hw"]]
+    assert len(grids) == cfg["images"] == 2 and max(max(g) for g in grids) == 128 // 16
+    # attention cost counted from the layout (navit_ti16 has no prefix tokens): n^2 per image, or per window
+    window_cells = [min(3, h - r) * min(3, w - c) for h, w in grids for r in range(0, h, 3) for c in range(0, w, 3)]
+    per_layer = cfg["attention_pairs_per_layer"]
+    assert per_layer == {"global": sum((h * w) ** 2 for h, w in grids), "windowed": sum(n * n for n in window_cells)}
+    assert glob["attention_pairs_per_forward"] == depth * per_layer["global"]
+    n_global = len(win["global_attn_indexes"])
+    assert win["attention_pairs_per_forward"] == n_global * per_layer["global"] + (depth - n_global) * per_layer["windowed"]
+    for row in (glob, win):
+        assert row["imgs_per_s"] == pytest.approx(cfg["images"] / row["median_s"])
+        assert row["attention_gflop"] == pytest.approx(4 * row["attention_pairs_per_forward"] * D / 1e9)
+        assert row["forward_gflop"] > row["attention_gflop"]
+    ratios = windows["windowed_vs_global"]
+    assert ratios["attention_cost"] == pytest.approx(win["attention_pairs_per_forward"] / glob["attention_pairs_per_forward"])
+    assert ratios["attention_cost"] < 1
+    assert ratios["speed"] == pytest.approx(glob["median_s"] / win["median_s"])
 
 
 def test_timm_peer_inputs_carry_our_tokens_and_the_check_catches_a_mismatch():

@@ -1,7 +1,7 @@
 """CUDA paths (collected everywhere, run where CUDA is: `pytest -m cuda`; tools/gpu_check.sh runs
 them on a bare GPU machine): the varlen and flex kernels against the segment kernel, forward and
-backward in bf16; qk_norm under bf16 / fp16 autocast through detection and segmentation training
-steps; the fp16 GradScaler skipping an overflow; single-process nccl DDP."""
+backward in bf16, globally and in ViTDet windows; qk_norm under bf16 / fp16 autocast through
+detection and segmentation training steps; the fp16 GradScaler skipping an overflow; single-process nccl DDP."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def packed(n: int = 6, seed: int = 0, drop: bool = False, prefix: int = 1):
     return batch.to("cuda")
 
 
-@pytest.mark.parametrize("kernel", ["varlen", "flex"])
-def test_cuda_kernels_match_segment_forward_and_backward_bf16(kernel):
+def _kernel_matches_segment_bf16(kernel: str, window_size: int) -> None:
+    """Forward and backward of ``kernel`` against the segment kernel, bf16, prefix token and token dropping."""
     if kernel == "varlen" and not _varlen_available():
         pytest.skip("torch.nn.attention.varlen is not in this torch")
     if kernel == "flex" and not _flex_available():
@@ -45,12 +45,22 @@ def test_cuda_kernels_match_segment_forward_and_backward_bf16(kernel):
     grad_out = torch.randn(S, L, H, Dh, device="cuda", generator=g, dtype=torch.bfloat16)
     results = {}
     for name in ("segment", kernel):
-        out = packed_attention(q, k, v, AttentionContext(batch, name))
+        out = packed_attention(q, k, v, AttentionContext(batch, name), window_size=window_size)
         dq, dk, dv = torch.autograd.grad((out.float() * grad_out.float()).sum(), (q, k, v))
         valid = ~batch.padding_mask
         results[name] = (out[valid].float(), dq.transpose(1, 2)[valid].float(), dk.transpose(1, 2)[valid].float(), dv.transpose(1, 2)[valid].float())
     for ref, got in zip(results["segment"], results[kernel]):
         torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_cuda_kernels_match_segment_forward_and_backward_bf16(kernel):
+    _kernel_matches_segment_bf16(kernel, window_size=0)
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_cuda_windowed_kernels_match_segment_forward_and_backward_bf16(kernel):
+    _kernel_matches_segment_bf16(kernel, window_size=7)  # ViTDet windows through the window layout's runs
 
 
 def test_auto_kernel_choice_sees_all_three_dtypes():

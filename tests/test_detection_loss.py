@@ -199,3 +199,153 @@ def test_giou_loss_equals_torchvision():
     b[:50] = a[:50] + 0.01 * torch.randn(50, 4, generator=g)  # overlapping pairs; the rest mostly disjoint
     b[50:60] = a[50:60]  # identical pairs
     torch.testing.assert_close(giou_loss(a, b), generalized_box_iou_loss(a, b, reduction="none"), atol=1e-6, rtol=1e-6)
+
+
+# ---- one-to-many assignment ----------------------------------------------------------------
+def test_topk_assign_on_a_hand_made_cost_matrix():
+    from navit_dense.losses.detection import TopKMatcher
+
+    #               gt0  gt1
+    cost = torch.tensor([[0.1, 0.5],   # row 0: cheapest for gt0
+                         [0.2, 0.1],   # row 1: in both top-2, serves gt1 (cheaper there)
+                         [0.3, 0.4],   # row 2: gt0's next choice, but outside gt0's region
+                         [0.9, 0.2],   # row 3
+                         [0.4, 0.9]])  # row 4
+    region = torch.ones(5, 2, dtype=torch.bool)
+    region[2, 0] = False
+    rows, cols, valid = TopKMatcher.assign(cost, region, k=2)
+    chosen = {(int(r), int(c)) for r, c, v in zip(rows, cols, valid) if v}
+    # gt0's top-2 in region: rows 0 and 1; row 1 serves gt1 -> gt0 keeps only row 0.
+    # gt1's top-2: rows 1 and 3.
+    assert chosen == {(0, 0), (1, 1), (3, 1)}
+    assert rows.tolist()[:2] == [0, 1] and cols.tolist() == [0, 0, 1, 1]  # column-major, fixed size k * G
+
+    # k above the row count, and a column without any candidate: nothing valid for it.
+    region = torch.tensor([[True, False], [True, False]])
+    rows, cols, valid = TopKMatcher.assign(torch.rand(2, 2), region, k=5)
+    assert len(rows) == 4 and valid.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+@given(T=st.integers(1, 8), G=st.integers(1, 4), k=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_topk_assign_invariants(T, G, k, seed):
+    from navit_dense.losses.detection import TopKMatcher
+
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(T, G, generator=g)
+    region = torch.rand(T, G, generator=g) < 0.7
+    rows, cols, valid = TopKMatcher.assign(cost, region, k)
+    pairs = [(int(r), int(c)) for r, c, v in zip(rows, cols, valid) if v]
+    assert len({r for r, _ in pairs}) == len(pairs)  # a row serves at most one column
+    for r, c in pairs:
+        assert region[r, c]
+        assert cost[r, c] == cost[r][region[r]].min()  # its cheapest in-region column
+        inside = cost[:, c][region[:, c]]
+        assert int((inside < cost[r, c]).sum()) < k  # among the column's k cheapest in-region rows
+    for c in range(G):  # a column's best in-region row, if that row prefers it, is always taken
+        if region[:, c].any():
+            best = int(torch.where(region[:, c], cost[:, c], torch.inf).argmin())
+            if cost[best, c] == cost[best][region[best]].min():
+                assert (best, c) in pairs
+
+
+def test_candidate_region_reaches_small_objects():
+    from navit_dense.losses.detection import TopKMatcher
+
+    # 4 x 4 grid of cells (0.25 wide): centres at 0.125, 0.375, ...
+    centres = (torch.arange(4) + 0.5) / 4
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    cells = torch.stack([cx.flatten(), cy.flatten(), torch.full((16,), 0.25), torch.full((16,), 0.25)], 1)
+    large = torch.tensor([[0.5, 0.5, 0.6, 0.6]])  # covers the 4 middle centres (0.375, 0.625) only
+    small = torch.tensor([[0.3, 0.3, 0.05, 0.05]])  # inside cell (1, 1), smaller than a cell
+    m = TopKMatcher(HungarianMatcher(), k=4, center_radius=0.5)
+    assert m.candidates(cells, large)[:, 0].nonzero().flatten().tolist() == [5, 6, 9, 10]
+    assert m.candidates(cells, small)[:, 0].nonzero().flatten().tolist() == [5]  # the cell holding its centre
+    wide = TopKMatcher(HungarianMatcher(), k=4, center_radius=1.0)
+    assert wide.candidates(cells, small)[:, 0].nonzero().flatten().tolist() == [0, 1, 4, 5]
+
+
+def make_grid_output(logits, boxes, grid: int, images: int) -> OwlOutput:
+    out = make_output(logits, boxes, [grid * grid] * images)
+    centres = (torch.arange(grid) + 0.5) / grid
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    cells = torch.stack([cx.flatten(), cy.flatten(), torch.full_like(cx.flatten(), 1 / grid), torch.full_like(cx.flatten(), 1 / grid)], 1)
+    out.token_cells = cells.repeat(images, 1)
+    return out
+
+
+def test_one_to_many_targets_and_hybrid_sum():
+    g = torch.Generator().manual_seed(0)
+    grid, K = 4, 3
+    logits = torch.randn(2 * grid * grid, K, generator=g, requires_grad=True)
+    raw = torch.randn(2 * grid * grid, 4, generator=g, requires_grad=True)
+    out = make_grid_output(logits, raw.sigmoid() * 0.5 + 0.1, grid, 2)
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.6]])},
+               {"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.25, 0.25, 0.4, 0.4], [0.8, 0.8, 0.3, 0.3]])}]
+    o2m = DetectionLoss(assignment="one_to_many", one_to_many_k=4, center_radius=0.5, weight_objectness=0)
+    matches = o2m.o2m_matcher(out, targets)
+    rows0, gt0, valid0 = matches[0]
+    assert sorted(rows0[valid0 > 0].tolist()) == [5, 6, 9, 10]  # all four middle tokens learn the big box
+    losses = o2m(out, targets, matches_o2m=matches)
+    losses["loss"].backward()
+    # Class targets: every valid candidate is a positive of its box's class -> its logit is pulled up.
+    pos = [16 * i + int(r) for i, (r, _, v) in enumerate(matches) for r, v in zip(r, v) if v]
+    labels = [int(t["labels"][gi]) for (_, gg, v), t in zip(matches, targets) for gi, vi in zip(gg, v) if vi]
+    assert (logits.grad[pos, labels] < 0).all()
+    # Box terms: only valid candidates get box gradient; L1 by hand with normalizer num_boxes * k.
+    has_grad = raw.grad.abs().sum(1) > 0
+    assert sorted(has_grad.nonzero().flatten().tolist()) == sorted(pos)
+    gt_boxes = torch.cat([t["boxes"][gg[v > 0]] for (_, gg, v), t in zip(matches, targets)])
+    expected = (out.pred_boxes[pos] - gt_boxes).abs().sum() / (3 * 4)
+    assert torch.isclose(losses["loss_l1"], expected)
+
+    hybrid = DetectionLoss(assignment="hybrid", one_to_many_k=4, center_radius=0.5, one_to_many_weight=0.5)
+    one = DetectionLoss(assignment="one_to_one")
+    h = hybrid(out, targets, matches_o2m=matches)
+    o = one(out, targets)
+    m = DetectionLoss(assignment="one_to_many", one_to_many_k=4, center_radius=0.5)(out, targets, matches_o2m=matches)
+    assert torch.isclose(h["loss"], o["loss"] + 0.5 * m["loss"])
+    assert torch.isclose(h["loss_o2m_cls"], m["loss_cls"]) and torch.isclose(h["loss_cls"], o["loss_cls"])
+    with pytest.raises(ValueError, match="assignment"):
+        DetectionLoss(assignment="many")
+
+
+def test_one_to_many_loss_never_reads_the_device():
+    from navit_dense.utils.host_sync import HostSyncCounter
+
+    g = torch.Generator().manual_seed(0)
+    out = make_grid_output(torch.randn(32, 3, generator=g, requires_grad=True), random_boxes(32, g), 4, 2)
+    targets = [{"labels": torch.tensor([2]), "boxes": random_boxes(1, g)}, {"labels": torch.tensor([0, 1]), "boxes": random_boxes(2, g)}]
+    for t in targets:
+        t["class_mask"], t["not_exhaustive_mask"] = torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)
+    loss = DetectionLoss(assignment="one_to_many")
+    with HostSyncCounter() as syncs:
+        loss(out, targets, num_boxes=3.0)["loss"].backward()
+    assert syncs.total == 0, dict(syncs.calls)
+
+
+def test_iou_aware_class_target_is_the_iou_of_the_matched_box():
+    from navit_dense.losses.detection import box_iou_pairs
+
+    pred = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.62, 0.6, 0.2, 0.1], [0.1, 0.9, 0.1, 0.1]])
+    target = {"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2]])}
+    iou = box_iou_pairs(box_convert(pred[:2], "cxcywh", "xyxy"), box_convert(target["boxes"], "cxcywh", "xyxy"))
+    torch.testing.assert_close(iou, torch.diag(torchvision_iou(pred[:2], target["boxes"])))
+    # A positive whose score already equals its IoU gets no class gradient; a perfect box is pushed to 1.
+    logits = torch.full((3, 2), -4.0)
+    logits[1, 0] = torch.logit(iou[1])
+    logits.requires_grad_(True)
+    matches = [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+    loss = DetectionLoss(iou_aware=True, weight_objectness=0)
+    loss(make_output(logits, pred, [3]), [target], matches=matches)["loss_cls"].backward()
+    assert abs(float(logits.grad[1, 0])) < 1e-6 and float(logits.grad[0, 1]) < 0
+    plain = torch.full((3, 2), -4.0, requires_grad=True)
+    plain_logits = plain.clone()
+    plain_logits.data[1, 0] = torch.logit(iou[1])
+    DetectionLoss(weight_objectness=0)(make_output(plain_logits, pred, [3]), [target], matches=matches)["loss_cls"].backward()
+    assert float(plain.grad[1, 0]) < 0  # with target 1 the same score is still pushed up
+
+
+def torchvision_iou(a, b):
+    from torchvision.ops import box_iou
+
+    return box_iou(box_convert(a, "cxcywh", "xyxy"), box_convert(b, "cxcywh", "xyxy"))

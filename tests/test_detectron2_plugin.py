@@ -100,6 +100,54 @@ def test_maps_per_image_equal_single_image_runs_and_are_top_left_aligned():
     assert {k: tuple(v.shape) for k, v in padded.items()} == {k: (2, 32, 128 // s, 192 // s) for k, s in STRIDES.items()}
 
 
+@pytest.mark.parametrize("name, kwargs", [("vit_small_patch16_dinov3", dict(depth=2)),
+                                          ("naflexvit_base_patch16_gap", dict(depth=2, embed_dim=96, num_heads=4))])  # fmt: skip
+def test_with_pretrained_loads_dinov3_and_naflexvit_files_like_model_backbone_init(name, kwargs, tmp_path):
+    """The LazyConfig's ``net=L(with_pretrained)(model=L(build_backbone)(...), path=...)`` uses
+    model.backbone.init's loader: a timm DINOv3 file (Eva names, RoPE, storage tokens, LayerScale)
+    and a NaFlexVit file (embeds.* names, a Linear over channels-last patches) fill the detector's
+    NaViT with the weights a load_pretrained NaViT gets, and it computes timm's patch features."""
+    import timm
+    from safetensors.torch import save_file
+
+    from navit_dense import pack_images
+    from navit_dense.models.pretrained import _ARCH_FIELDS, load_pretrained, with_pretrained
+    from navit_dense.models.weight_import import navit_from_timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, **kwargs).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # no zero biases / unit norms left to hide a mapping error
+        for p in vit.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    layout = {f: getattr(navit_from_timm(vit).cfg, f) for f in _ARCH_FIELDS}  # the config a user writes for this file
+    dense = dict(name="navit_s16", global_pool="avg", mask_fill="zeros", **layout)
+    backbone = instantiate(L(NaViTSimpleFPBackbone)(
+        net=L(with_pretrained)(model=L(build_backbone)(**dense), path=str(path), format="timm", patch_layout="auto"),
+        out_channels=32,
+    )).eval()  # fmt: skip
+
+    reference = build_backbone(**dense)
+    report = load_pretrained(reference, path)  # what model.backbone.init does
+    assert report["kept_initialised"] == [] and report["patch_layout"] == ("channels_last" if name.startswith("naflex") else None)
+    ours = backbone.net.state_dict()
+    assert ours.keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in ours.items())
+
+    image = torch.randn(3, 160, 224)
+    net = backbone.net
+    batch = pack_images([image], 16, 140, 140 + net.num_prefix_tokens, num_prefix_tokens=net.num_prefix_tokens)
+    with torch.no_grad():
+        fmap = net(batch).feature_maps[0]  # [D, 10, 14]
+        ref = vit.forward_features(image[None])
+        ref = ref["patches"] if isinstance(ref, dict) else ref
+        features = backbone([image])
+    torch.testing.assert_close(fmap, ref[0, vit.num_prefix_tokens :].T.reshape(-1, 10, 14), atol=1e-4, rtol=0)
+    assert {k: tuple(v.shape[1:2]) for k, v in features.items()} == {k: (32,) for k in STRIDES}
+
+
 def test_yacs_registry():
     cfg = get_cfg()
     add_navit_config(cfg)

@@ -84,6 +84,14 @@ def test_layerwise_lr_decay_groups_and_weight_decay_exclusions(tmp_path):
     # no_weight_decay() (pos embeddings, MAP latent), biases and norms are excluded
     for name in ("backbone.pos_embed.row", "backbone.attn_pool.latent", "backbone.blocks.0.attn.qkv.bias", "backbone.blocks.1.norm2.weight", "backbone.head.bias"):
         assert wd[name] == 0.0, name
+    # Mixed RoPE's learned frequencies (one [2, heads, head_dim / 2] slice per block) are a position
+    # encoding: layer 0 with the embeddings, not the heads' last layer; no weight decay (timm lists them).
+    mixed = get_task("classification")(to_object(tiny_cfg(tmp_path, "model.backbone.rope=mixed", "model.backbone.rope_temperature=10"))).build_model()
+    assert tuple(mixed.backbone.rope.freqs.shape) == (2, 2, 2, 16)  # [x / y, depth, heads, head_dim / 2]
+    where = {name: g for g in param_groups(mixed, weight_decay=0.1, layer_decay=0.5) for name in g["names"]}
+    assert where["backbone.rope.freqs"]["layer"] == 0 and where["backbone.rope.freqs"]["lr_scale"] == 0.5**3
+    assert where["backbone.rope.freqs"]["weight_decay"] == 0.0
+    assert where["backbone.rope.freqs"] is where["backbone.pos_embed.row"]  # the position embedding's group
 
 
 def test_warmup_cosine_schedule():

@@ -89,6 +89,51 @@ def test_pretrained_timm_vit_weights_load(tmp_path):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name, kwargs", [("vit_small_patch16_dinov3", dict(depth=2)),
+                                          ("naflexvit_base_patch16_gap", dict(depth=2, embed_dim=96, num_heads=4))])  # fmt: skip
+def test_pretrained_dinov3_and_naflexvit_files_load_like_model_backbone_init(name, kwargs, tmp_path):
+    """``pretrained=`` uses model.backbone.init's loader: a timm DINOv3 file (Eva names, RoPE, storage
+    tokens, LayerScale) and a NaFlexVit file (embeds.* names, a Linear over channels-last patches;
+    given as a dict with load_pretrained's options) fill the backbone with the weights a
+    load_pretrained NaViT gets, and its stride-16 level is timm's patch features (a non-square image)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from navit_dense.models import build_backbone
+    from navit_dense.models.pretrained import _ARCH_FIELDS, load_pretrained
+    from navit_dense.models.weight_import import navit_from_timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, **kwargs).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # no zero biases / unit norms left to hide a mapping error
+        for p in vit.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    layout = {f: getattr(navit_from_timm(vit).cfg, f) for f in _ARCH_FIELDS}  # the config a user writes for this file
+    naflex = name.startswith("naflex")
+    pretrained = dict(path=str(path), format="timm", patch_layout="channels_last") if naflex else str(path)
+    backbone = NaViTMMSegBackbone(arch="navit_s16", out_indices=(1,), scale_factors=(1.0,), pretrained=pretrained, **layout)
+    backbone.init_weights()
+
+    reference = build_backbone("navit_s16", global_pool="none", mask_fill="zeros", **layout)
+    load_pretrained(reference, path)  # what model.backbone.init does
+    ours = backbone.net.state_dict()
+    assert ours.keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in ours.items())
+
+    x = torch.randn(1, 3, 160, 224)
+    with torch.no_grad():
+        (level,) = backbone.eval()(x)  # [1, D, 10, 14]
+        ref = vit.forward_features(x)
+        ref = ref["patches"] if isinstance(ref, dict) else ref
+    ref = ref[0, vit.num_prefix_tokens :].T.reshape(-1, 10, 14)
+    torch.testing.assert_close(level[0], ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['layout'\]"):
+        NaViTMMSegBackbone(arch="navit_s16", pretrained=dict(path=str(path), layout="channels_last"), **layout)
+
+
 # ---- native resolution inside a padded batch ------------------------------------------------
 def test_padded_batch_levels_equal_single_image_runs_and_are_zero_outside():
     torch.manual_seed(0)

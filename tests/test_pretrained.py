@@ -101,6 +101,62 @@ def test_a_file_that_does_not_fit_names_the_fields_to_set(timm_vit, tmp_path):
         load_pretrained(dense(**TIMM_LAYOUT), tmp_path / "vit.safetensors", format="siglip2")
 
 
+def test_hints_name_final_norm_rope_and_pool_fields_where_the_file_records_them(tmp_path):
+    """Hints compare the model's config with the one the file describes, over _ARCH_FIELDS. A timm
+    file records final_norm (no norm / fc_norm tensors), mixed RoPE (rope.freqs, which also gives
+    the head count) and Eva's LayerScale / GLU; what no tensor records (eps, activation, other RoPE
+    options, rope_shift / jitter / rescale_coords, map_num_heads) is taken from the model, so a
+    hint never asks to change it; a source config that states them is named."""
+    from dataclasses import replace
+
+    from navit_dense.models.pretrained import _architecture_hint
+
+    torch.manual_seed(0)
+    vit = _perturb(timm.create_model("vit_base_patch16_224", pretrained=False, final_norm=False, **TIMM_SMALL))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "no_norm.safetensors")
+    model = dense(**TIMM_LAYOUT, rope_shift_coords=1.0, map_num_heads=2)
+    with pytest.raises(ValueError, match="final_norm: false") as info:
+        load_pretrained(model, tmp_path / "no_norm.safetensors")
+    assert "rope_shift_coords" not in str(info.value) and "map_num_heads" not in str(info.value)
+    net = dense(**TIMM_LAYOUT, final_norm=False)
+    assert load_pretrained(net, tmp_path / "no_norm.safetensors")["kept_initialised"] == []
+    image = torch.randn(3, 64, 64)
+    with torch.no_grad():  # timm's features are the last block's output
+        ours = net(pack_images([image], 16, 16, 17, num_prefix_tokens=1)).feature_maps[0]
+        assert (ours.flatten(1).T - vit.forward_features(image[None])[0, 1:]).abs().max() <= 1e-4
+
+    mixed = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, depth=1, embed_dim=64, num_heads=4)
+    save_file({k: v.contiguous() for k, v in mixed.state_dict().items()}, tmp_path / "mixed.safetensors")
+    with pytest.raises(ValueError) as info:  # an axial-RoPE, 2-head layout without LayerScale
+        load_pretrained(dense(embed_dim=64, depth=1, num_heads=2, class_token=True, pos_embed="none", rope="cat"), tmp_path / "mixed.safetensors")
+    for hint in ("rope: mixed", "num_heads: 4", "init_values: 1.0"):
+        assert hint in str(info.value), hint
+    with pytest.raises(ValueError) as info:  # a conv stem the file has none of; LayerScale on both sides (its values are weights)
+        load_pretrained(dense(embed_dim=64, depth=1, num_heads=4, class_token=True, pos_embed="none", rope="mixed", init_values=1e-5,
+                              conv_stem=(16, 32)), tmp_path / "mixed.safetensors")  # fmt: skip
+    assert "conv_stem: []" in str(info.value) and "init_values" not in str(info.value)
+
+    base = dense(**TIMM_LAYOUT).cfg
+    stated = replace(base, final_norm=False, rope_shift_coords=1.0, rope_jitter_coords=1.2, rope_rescale_coords=2.0, map_num_heads=8)
+    hint = _architecture_hint(stated, base)
+    for field in ("final_norm: false", "rope_shift_coords: 1.0", "rope_jitter_coords: 1.2", "rope_rescale_coords: 2.0", "map_num_heads: 8"):
+        assert field in hint, field
+
+
+def test_conv_stem_navit_checkpoint_is_not_taken_for_timm(tmp_path):
+    """A conv-stem NaViT names its linear part patch_embed.proj, as timm's ViT stem is named:
+    its own stem convs tell the formats apart."""
+    torch.manual_seed(0)
+    source = nn.Module()
+    source.backbone = build_backbone("navit_ti16", embed_dim=32, depth=1, num_heads=2, conv_stem=(8, 16), global_pool="none", mask_fill="zeros")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "stem.safetensors")
+    assert detect_format(read_state_dict(tmp_path / "stem.safetensors")) == ("navit", "backbone.")
+    net = build_backbone("navit_ti16", embed_dim=32, depth=1, num_heads=2, conv_stem=(8, 16), global_pool="none", mask_fill="zeros")
+    report = load_pretrained(net, tmp_path / "stem.safetensors")
+    assert report["format"] == "navit" and report["kept_initialised"] == []
+    assert all(torch.equal(v, source.backbone.state_dict()[k]) for k, v in net.state_dict().items())
+
+
 def test_siglip2_save_pretrained_directory(tmp_path):
     from transformers import Siglip2Config, Siglip2Model
 

@@ -81,6 +81,7 @@ TIMM_CASES = [
      dict(global_pool="map", act="gelu_tanh", class_token=False)),
     ("reg4_map_odd_mlp", "vit_so150m_patch16_reg4_map_256", dict(SMALL, embed_dim=56),
      dict(global_pool="map", reg_tokens=4, map_include_prefix=False)),
+    ("no_final_norm", "vit_base_patch16_224", dict(SMALL, final_norm=False), dict(final_norm=False, fc_norm=False)),
 ]
 
 
@@ -149,9 +150,9 @@ def test_timm_other_resolutions_match_dynamic_img_size():
 def test_timm_unsupported_features_are_named():
     from timm.layers import SwiGLUPacked
 
-    rope = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, **SMALL)  # learned mixed frequencies
-    with pytest.raises(ValueError, match="RotaryEmbeddingMixed"):
-        navit_from_timm(rope)
+    mrope = timm.create_model("vit_small_patch16_rope_224", pretrained=False, rope_type="mrope", rope_grid_indexing="ij", **SMALL)
+    with pytest.raises(ValueError, match="RotaryEmbeddingMRope"):  # multimodal (Qwen2-VL style) RoPE
+        navit_from_timm(mrope)
     swiglu = timm.create_model(
         "vit_base_patch16_224", pretrained=False, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, **SMALL
     )
@@ -281,12 +282,16 @@ def test_forward_intermediates_follows_timms_signature_and_values(fmt):
 
 @pytest.mark.parametrize(
     "name, size",
-    [("vit_small_patch16_dinov3", 224), ("vit_small_patch16_rope_224", 224), ("eva02_tiny_patch14_224", 224)],
+    [("vit_small_patch16_dinov3", 224), ("vit_small_patch16_rope_224", 224), ("eva02_tiny_patch14_224", 224),
+     ("vit_small_patch16_rope_mixed_224", 224), ("vit_small_patch16_rope_mixed_ape_224", 224),
+     ("vit_pe_spatial_tiny_patch16_512", 512)],
 )
 def test_timm_eva_family_imports_with_parity(name, size):
     """DINOv3 (normalized-coordinate RoPE, storage tokens, LayerScale), RoPE-ViT axial and EVA02
-    (axial RoPE with a reference grid, absolute positions, q/v-only bias, SiLU GLU MLP): random
-    timm models, one image at their own input size, patch-token features within 1e-4."""
+    (axial RoPE with a reference grid, absolute positions, q/v-only bias, SiLU GLU MLP), RoPE-ViT
+    mixed (learned per-block frequencies, with / without absolute positions) and Perception
+    Encoder spatial (no final norm): random timm models, one image at their own input size,
+    patch-token features within 1e-4 (more cases, non-square sizes: tests/test_rope_mixed.py)."""
     torch.manual_seed(0)
     vit = timm.create_model(name, pretrained=False, depth=2).eval()
     net = navit_from_timm(vit)
@@ -301,9 +306,12 @@ def test_timm_eva_family_imports_with_parity(name, size):
 
 
 def test_unsupported_eva_features_are_named():
-    for name, feature in [("vit_small_patch16_rope_mixed_224", "RotaryEmbeddingMixed"), ("vit_pe_core_tiny_patch16_384", "attention pool")]:
+    for name, kwargs, feature in [("vit_small_patch16_rope_224", dict(rope_type="mrope", rope_grid_indexing="ij"), "RotaryEmbeddingMRope"),
+                                  # PE core's own pool (8 heads) imports (map_num_heads); a pool MLP of another width does not
+                                  ("vit_pe_core_tiny_patch16_384", dict(attn_pool_mlp_ratio=2.0), "attention pool whose norm eps, MLP width"),
+                                  ("vit_small_patch16_rope_224", dict(use_post_norm=True), "post-norm")]:  # fmt: skip
         with pytest.raises(ValueError, match=feature):
-            navit_from_timm(timm.create_model(name, pretrained=False, depth=1))
+            navit_from_timm(timm.create_model(name, pretrained=False, depth=1, **kwargs))
 
 
 def test_timm_naflexvit_imports_with_parity_on_its_own_naflex_input():
@@ -336,3 +344,129 @@ def test_timm_naflexvit_imports_with_parity_on_its_own_naflex_input():
         for i in range(N):
             lo, hi = lay.token_offsets[i], lay.token_offsets[i + 1]
             torch.testing.assert_close(ours[lo:hi], ref[i, flex.num_prefix_tokens : flex.num_prefix_tokens + hi - lo], atol=1e-4, rtol=0)
+
+
+# ---- Perception Encoder core: an attention pool with its own head count ----------------------
+def test_perception_encoder_core_attention_pool_imports_with_map_num_heads(tmp_path):
+    """vit_pe_core_*: an 8-head attention pool (and a 512-wide projection) over 3-head blocks.
+    ``map_num_heads`` carries the pool's head count, so the pooled output (pre-logits and
+    projected) equals timm's, at the model's 384 input and (dynamic_img_size) on a non-square
+    image; the blocks' head count in the pool is another function. From a file the head count is
+    the config's to state: a NaViT with map_num_heads 8 loads the pool and head and matches too."""
+    from dataclasses import replace
+
+    from navit_dense.models import NaViT
+    from navit_dense.models.pretrained import load_pretrained
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=2))
+    net = navit_from_timm(ref)
+    assert (net.cfg.num_heads, net.cfg.map_num_heads, net.attn_pool.num_heads, net.cfg.num_classes) == (3, 8, 8, 512)
+    image = torch.randn(3, 384, 384)
+    diffs = _timm_diffs(ref, net, [image])
+    assert max(diffs) <= TOL, diffs
+    wrong = navit_from_timm(ref, map_num_heads=3)  # the pool computed with the blocks' heads
+    assert _timm_diffs(ref, wrong, [image])[1] > 1e-3
+    dyn = _perturb(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=2, dynamic_img_size=True))
+    assert max(_timm_diffs(dyn, navit_from_timm(dyn), [torch.randn(3, 192, 384)])) <= TOL
+    with pytest.raises(ValueError, match="map_num_heads=5"):
+        NaViT(replace(net.cfg, map_num_heads=5))  # 192 does not split into 5 heads
+
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "pe_core.safetensors"))
+    torch.manual_seed(1)
+    fresh = NaViT(replace(net.cfg, mask_fill="zeros")).eval()
+    report = load_pretrained(fresh, tmp_path / "pe_core.safetensors")
+    assert report["skipped_source_keys"] == [] and report["kept_initialised"] == []  # pool and head loaded too
+    assert max(_timm_diffs(ref, fresh, [image])) <= TOL
+
+
+# ---- timm NaFlexVit files ---------------------------------------------------------------------
+NAFLEX_SMALL = dict(depth=2, embed_dim=96, num_heads=4)
+
+
+def _patch_token_diff(ref: nn.Module, net: nn.Module, size: tuple[int, int]) -> float:
+    """Max abs diff of patch-token features: one image at its own size, NaViT packed vs timm."""
+    image = torch.randn(3, *size)
+    grid = (size[0] // net.patch_size, size[1] // net.patch_size)
+    n = grid[0] * grid[1]
+    batch = pack_images([image], net.patch_size, n, n + net.num_prefix_tokens, num_prefix_tokens=net.num_prefix_tokens)
+    assert batch.grid_sizes.tolist() == [list(grid)]
+    with torch.no_grad():
+        ours = batch.flat(net.forward_features(batch))[batch.patch_slots]
+        ref_out = ref.forward_features(image[None])
+        ref_out = ref_out["patches"] if isinstance(ref_out, dict) else ref_out
+    return (ours - ref_out[0, ref.num_prefix_tokens :]).abs().max().item()
+
+
+@pytest.mark.parametrize("pos", ["learned", "factorized"])
+def test_timm_naflexvit_file_loads_through_model_backbone_init(pos, tmp_path):
+    """A timm NaFlexVit state dict (embeds.* names: a Linear over channels-last (py, px, c)
+    patches, a [1, G, G, D] grid or factorized y / x tables, register tokens, LayerScale, fc_norm)
+    saved to .safetensors and .pth starts a NaViT configured from the engine config
+    (model.backbone.init, format auto and timm) that computes timm's patch features."""
+    from safetensors.torch import save_file
+
+    from navit_dense.engine.config import load_config, to_object
+    from navit_dense.models import build_backbone
+    from navit_dense.models.pretrained import _ARCH_FIELDS, load_pretrained
+
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, pos_embed=pos, **NAFLEX_SMALL))
+    sd = ref.state_dict()
+    assert tuple(sd["embeds.proj.weight"].shape) == (96, 16 * 16 * 3) and ref.embeds.channels_last
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    torch.save({"model": sd, "epoch": 1}, tmp_path / "naflex.pth")
+    layout = ["name=navit_b16", "patch_size=16", "embed_dim=96", "num_heads=4", "depth=2", "reg_tokens=4", "init_values=1.0e-5",
+              "no_embed_class=true", f"pos_embed={'learned2d' if pos == 'learned' else 'fractional'}", "pos_embed_grid=16",
+              "fc_norm=true", "rope=none", "conv_stem=[]", "global_pool=none", "mask_fill=zeros"]  # fmt: skip
+    expected = navit_from_timm(ref).cfg  # what the model object says
+    for path, fmt in [(tmp_path / "model.safetensors", "auto"), (tmp_path / "naflex.pth", "timm")]:
+        overrides = [f"model.backbone.{kv}" for kv in layout] + [f"model.backbone.init.path={path}", f"model.backbone.init.format={fmt}"]
+        b = to_object(load_config("configs/detection/owl_navit_tiny_synthetic_lvis.yaml", overrides)).model.backbone
+        net = build_backbone(b.name, **b.overrides()).eval()
+        arch = [f for f in _ARCH_FIELDS if f != "init_values"]  # imports state LayerScale as 1.0: the weights hold the values
+        assert {f: getattr(net.cfg, f) for f in arch} == {f: getattr(expected, f) for f in arch}
+        report = load_pretrained(net, b.init.path, b.init.format, b.init.prefix)
+        assert (report["format"], report["patch_layout"], report["kept_initialised"]) == ("timm", "channels_last", [])
+        assert report["skipped_source_keys"] == ["head.bias", "head.weight"]  # the classifier
+        assert _patch_token_diff(ref, net, (160, 224)) <= TOL
+    # the state-dict path of navit_from_timm reads the same architecture from the names and shapes
+    from_sd = navit_from_timm(sd, num_heads=4)
+    assert from_sd.cfg == expected
+    assert _patch_token_diff(ref, from_sd, (224, 96)) <= TOL
+
+
+def test_naflexvit_patch_layout_is_timms_default_unless_told(tmp_path):
+    """A file does not record the column order of a linear patch embedding. A NaFlexVit file is
+    read channels-last (timm's patchify_channels_last=True, every naflexvit_* model); one saved
+    with patchify_channels_last=False loads with patch_layout='channels_first' (read as the
+    default it is another function); a linear embedding under the ViT name patch_embed.proj
+    cannot be told at all: the error names the option."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from navit_dense.models import NaViT
+    from navit_dense.models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    ref = _perturb(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, patchify_channels_last=False, **NAFLEX_SMALL))
+    assert not ref.embeds.channels_last
+    assert _patch_token_diff(ref, navit_from_timm(ref), (64, 96)) <= TOL  # a model object states its layout
+    with pytest.raises(ValueError, match="flattens patches channels_first"):
+        navit_from_timm(ref, patch_layout="channels_last")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "cf.safetensors"))
+    cfg = replace(navit_from_timm(ref).cfg, global_pool="none", num_classes=0, mask_fill="zeros")
+    net = NaViT(cfg).eval()
+    assert load_pretrained(net, tmp_path / "cf.safetensors", patch_layout="channels_first")["patch_layout"] == "channels_first"
+    assert _patch_token_diff(ref, net, (64, 96)) <= TOL
+    assert load_pretrained(net, tmp_path / "cf.safetensors")["patch_layout"] == "channels_last"
+    assert _patch_token_diff(ref, net, (64, 96)) > 1e-3
+    with pytest.raises(ValueError, match="patch_layout 'sideways' is not one of"):
+        load_pretrained(net, tmp_path / "cf.safetensors", patch_layout="sideways")
+
+    renamed = {("patch_embed.proj.weight" if k == "embeds.proj.weight" else k): v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(renamed, str(tmp_path / "linear_vit.safetensors"))
+    with pytest.raises(ValueError, match=r"linear_vit\.safetensors.*patch_embed\.proj\.weight \(96, 768\).*patch_layout='channels_last'"):
+        load_pretrained(net, tmp_path / "linear_vit.safetensors")

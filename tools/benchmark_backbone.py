@@ -22,6 +22,10 @@ in one process:
                     It gets the same resized images on the same grids as timm's NaFlex input
                     (one image per row, padded): to the batch's longest row, and to timm's
                     loader bucket lengths. ``--no-timm`` skips it.
+- windows           ViTDet windowed attention (``window_size`` 14, every 3rd block global as
+                    ViTDet-B's 2, 5, 8, 11) against global attention, same weights, packed, on
+                    COCO-like images with a longer side of 1024 px (64 cells at P=16): images/s
+                    and the attention cost counted from the layout. ``--no-windows`` skips it.
 
 Timing: round-robin over variants (warmup rounds, then timed rounds), median per variant,
 torch.no_grad, eval mode (the timm peer's train rows aside), a fixed number of threads. Memory: see
@@ -74,6 +78,7 @@ except ImportError:  # run from a checkout without installing
 
 from navit_dense.data import ResolutionSampler, pack_images, pack_lengths
 from navit_dense.data.resize import budget_grid, resize_to_grid
+from navit_dense.models.attention import attention_pairs
 from navit_dense.utils.benchmark import (
     human_bytes,
     optimal_pad_fraction,
@@ -137,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="always include the packed-forward op profile")
     p.add_argument("--no-vit-pytorch", action="store_true", help="skip the vit_pytorch baseline")
     p.add_argument("--no-timm", action="store_true", help="skip the timm NaFlexVit peer rows (fixed / sampled budgets)")
+    p.add_argument("--no-windows", action="store_true", help="skip the windowed-attention rows")
+    p.add_argument("--window-side", type=int, default=1024, help="max side (px) of the windowed-attention images")
+    p.add_argument("--window-size", type=int, default=14, help="window side in patches (ViTDet: 14)")
+    p.add_argument("--window-global-every", type=int, default=3, help="every n-th block stays global (ViTDet-B: 2, 5, 8, 11)")
+    p.add_argument("--window-images", type=int, default=2)
     p.add_argument(
         "--omp-wait-policy", choices=("passive", "active", "default"), default="passive",
         help="OMP_WAIT_POLICY set before torch loads (default passive; 'default' leaves the environment "
@@ -542,6 +552,52 @@ def timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats
     return result
 
 
+# ---- windowed attention ------------------------------------------------------------------------
+def windows_benchmark(args, model, overrides, warmup, repeats, device) -> dict:
+    """Global vs ViTDet-windowed attention (same weights) on the same packed batch of large images:
+    images/s (eval forward), attention cost from the host layout (query-key pairs per forward,
+    4 * pairs * D FLOPs) and the whole forward's FLOPs (plus 24 * n * D^2 per token per layer)."""
+    P, D, depth = model.cfg.patch_size, model.cfg.embed_dim, model.cfg.depth
+    if args.window_side % P:
+        raise SystemExit(f"--window-side must be a multiple of the patch size {P}")
+    global_blocks = tuple(i for i in range(depth) if (i + 1) % args.window_global_every == 0)
+    windowed = nd.build_backbone(args.model, **dict(overrides, window_size=args.window_size, global_attn_indexes=global_blocks))
+    windowed = windowed.eval().to(device)
+    windowed.load_state_dict(model.state_dict())
+    cells, npref = args.window_side // P, model.num_prefix_tokens
+    sizes = coco_like_sizes(args.window_images, args.seed + 3)
+    batch = pack_images(make_images(sizes, args.seed + 3), patch_size=P, max_tokens_per_image=cells * cells, max_side=args.window_side,
+                        seq_len=args.window_images * (cells * cells + npref), num_prefix_tokens=npref).to(device)  # fmt: skip
+    log(f"\nwindows: {args.window_images} images at max side {args.window_side} (grids {list(batch.layout.grids)}), "
+        f"window {args.window_size}, global blocks {list(global_blocks)}: {warmup} warmup + {repeats} timed rounds")
+    with torch.no_grad():
+        timings = time_interleaved({"global": lambda: model(batch), "windowed": lambda: windowed(batch)},
+                                   warmup=warmup, repeats=repeats, device=device, log=log)  # fmt: skip
+    per_layer = {"global": attention_pairs(batch), "windowed": attention_pairs(batch, args.window_size)}
+    linear = depth * 24.0 * batch.layout.num_tokens * D * D
+    rows = []
+    for name, net in (("global", model), ("windowed", windowed)):
+        pairs = sum(per_layer["windowed" if blk.attn.window_size else "global"] for blk in net.blocks)
+        med = timings[name].median_s
+        rows.append({
+            "variant": name, "window_size": args.window_size if name == "windowed" else 0,
+            "global_attn_indexes": list(global_blocks) if name == "windowed" else list(range(depth)),
+            "imgs_per_s": batch.num_images / med, "median_s": med,
+            "attention_pairs_per_forward": pairs, "attention_gflop": 4.0 * pairs * D / 1e9,
+            "forward_gflop": (linear + 4.0 * pairs * D) / 1e9, "timings": timings[name].as_dict(),
+        })  # fmt: skip
+    return {
+        "config": {"max_side": args.window_side, "window_size": args.window_size, "global_every": args.window_global_every,
+                   "images": batch.num_images, "image_sizes_hw": [list(s) for s in sizes], "grids_hw": [list(g) for g in batch.layout.grids],
+                   "tokens": batch.layout.num_tokens, "attention_pairs_per_layer": per_layer},  # fmt: skip
+        "rows": rows,
+        "windowed_vs_global": {"speed": rows[0]["median_s"] / rows[1]["median_s"],
+                               "attention_cost": rows[1]["attention_pairs_per_forward"] / rows[0]["attention_pairs_per_forward"]},
+        "note": "same weights; windowed attention cuts each image's own grid into windows (smaller at the border, "
+                "no padding tokens); attention pairs = query-key pairs the layers attend (global: (prefix + kept)^2 per image)",
+    }
+
+
 # ---- profiling ----------------------------------------------------------------------------
 def op_profile(fn, top: int = 20) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -750,6 +806,7 @@ def main(argv=None) -> dict:
 
     peer = None if args.no_timm else timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats,
                                                          device)
+    windows = None if args.no_windows else windows_benchmark(args, model, overrides, warmup, repeats, device)
 
     # ---- results -----------------------------------------------------------------------------
     med = {k: t.median_s for k, t in timings.items()}
@@ -889,6 +946,7 @@ def main(argv=None) -> dict:
         "memory": memory,
         "equivalence": equivalence,
         "timm_naflexvit": peer,
+        "windows": windows,
         "targets": targets,
     }
 
@@ -905,6 +963,11 @@ def main(argv=None) -> dict:
     log(f"equivalence max_abs_diff={equivalence['max_abs_diff']:.3e} (square plain-vs-navit {square_check})")
     if peer:
         print_peer_table(peer)
+    if windows:
+        log(f"windows at {args.window_side} px: " + ", ".join(
+            f"{r['variant']}={r['imgs_per_s']:.3f} imgs/s ({r['attention_gflop']:.1f} attention GFLOP)" for r in windows["rows"])
+            + f" | windowed speed-up {windows['windowed_vs_global']['speed']:.2f}x, attention cost "
+            f"{windows['windowed_vs_global']['attention_cost']:.3f}x")
     for name, t in targets.items():
         log(f"target {name}: {t['status']} ({t['metric']}: {t['value']:.4g} {t['op']} {t['threshold']:.4g})")
 

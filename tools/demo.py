@@ -10,7 +10,7 @@
 5. draw its detections on a few val images (boxes, class names, scores; ground truth dashed)
    into OUT/detections.png; OUT/results.json keeps the numbers and timings.
 
-    python tools/demo.py [--out runs/demo] [--threads 1] [key=value ...]   # config overrides
+    python tools/demo.py [--out runs/demo] [--threads N] [--data KEY=VALUE ...] [key=value ...]   # config overrides
 
 Each run retrains from scratch in OUT/owl_tiny (the previous run there is replaced).
 """
@@ -39,25 +39,26 @@ from navit_dense.models.heads.owl import postprocess
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "configs" / "detection" / "owl_navit_tiny_synthetic_lvis.yaml"
-# 30 shape x colour classes, r/c/f about 8/11/11: rare classes have at most 20 of the 1000 train
-# images, common ones at most 100. With 200 train images the from-scratch ViT stalled at box AP
-# 5-7 (300 to 1200 steps); with 1000 it reaches ~9 in 450 steps (more instances per class).
-DATA_PARAMS = {"train_images": 1000, "val_images": 100, "num_classes": 30, "min_side": 96, "max_side": 320, "seed": 0}
+# 30 shape x colour classes, r/c/f 8/11/11: rare classes have at most 20 of the 1000 train images,
+# common ones at most 100. Shapes span 2-7 patches at the demo's 144-token budget (radius 15-35% of
+# the shorter side), so their outline is visible to a 16-pixel-patch ViT.
+DATA_PARAMS = {"train_images": 1000, "val_images": 100, "num_classes": 30, "min_side": 96, "max_side": 320,
+               "min_radius": 0.15, "max_radius": 0.35, "seed": 0}
 TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf")
 
 
-def make_data(out: Path) -> tuple[Path, float]:
+def make_data(out: Path, params: dict) -> tuple[Path, float]:
     """Generate the dataset unless OUT/data holds one made with the same parameters."""
     stamp = out / "params.json"
     t0 = time.perf_counter()
     files = [out / "lvis_v1_train.json", out / "lvis_v1_val.json"]
-    if stamp.is_file() and json.loads(stamp.read_text()) == DATA_PARAMS and all(f.is_file() for f in files):
+    if stamp.is_file() and json.loads(stamp.read_text()) == params and all(f.is_file() for f in files):
         print(f"data: reusing {out}")
         return out, 0.0
     if out.exists():
         shutil.rmtree(out)
-    generate(LvisShapesSpec(out=out, **DATA_PARAMS))
-    stamp.write_text(json.dumps(DATA_PARAMS))
+    generate(LvisShapesSpec(out=out, **params))
+    stamp.write_text(json.dumps(params))
     return out, time.perf_counter() - t0
 
 
@@ -135,14 +136,23 @@ def draw_detections(trainer: Trainer, path: Path, num_images: int = 6, score_thr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", default="runs/demo", help="output directory (data, run, results, PNG)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 is fastest here: on the shared 2-core machine 2 threads made steps ~8x slower")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: one per core; on an idle 2-core machine 2 threads make a step 1.6x faster than 1)")
+    parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"dataset parameter (LvisShapesSpec field), repeatable; defaults {DATA_PARAMS}")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     out = Path(args.out)
-    data, data_s = make_data(out / "data")
+    params = dict(DATA_PARAMS)
+    for item in args.data:
+        key, _, value = item.partition("=")
+        if key not in LvisShapesSpec.__dataclass_fields__ or key == "out" or not value:
+            parser.error(f"--data {item!r}: expected KEY=VALUE with KEY a field of LvisShapesSpec")
+        params[key] = type(getattr(LvisShapesSpec(out=""), key))(value)
+    data, data_s = make_data(out / "data", params)
 
     run_dir = out / "owl_tiny"
     if run_dir.exists():
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(untrained, trained))
     timings = {"data_s": round(data_s, 1), "untrained_eval_s": round(eval_s, 1), "train_and_eval_s": round(train_s, 1), "total_s": round(total, 1)}
     (out / "results.json").write_text(json.dumps({"untrained": untrained, "trained": trained, "timings": timings,
-                                                  "data": DATA_PARAMS, "config": str(CONFIG), "overrides": args.overrides,
+                                                  "data": params, "config": str(CONFIG), "overrides": args.overrides,
                                                   "checkpoint": str(run_dir / "checkpoints" / "last")}, indent=1))  # fmt: skip
     print(f"\ndetections: {png}\nresults: {out / 'results.json'}\ncheckpoint: {run_dir / 'checkpoints' / 'last'}")
     print("time: " + ", ".join(f"{k} {v}" for k, v in timings.items()))

@@ -25,6 +25,8 @@ def parse_args(argv=None) -> LvisShapesSpec:
     p.add_argument("--num-classes", type=int, default=30, help=f"at most {len(SHAPES) * len(COLOURS)} (shape x colour)")
     p.add_argument("--min-side", type=int, default=96)
     p.add_argument("--max-side", type=int, default=384)
+    p.add_argument("--min-radius", type=float, default=0.08, help="shape radius, fraction of the shorter image side")
+    p.add_argument("--max-radius", type=float, default=0.22)
     p.add_argument("--rare-max", type=int, default=0, help="max train images of a rare class (0: 2%% of train images, >= 2)")
     p.add_argument("--common-max", type=int, default=0, help="max train images of a common class (0: 10%% of train images)")
     p.add_argument("--min-val-images", type=int, default=2, help="every class appears in at least this many val images")

@@ -12,10 +12,11 @@ Layout rules (relied upon by every attention kernel and by unpacking):
   image runs in ``packing_order``, delimited by ``cu_seqlens`` (the varlen / flash layout).
 
 Everything per image that kernels, unpacking, heads, decoders and losses need is computed
-ONCE, at pack time, on the host: :class:`PackedLayout` holds it as Python ints (it survives
-``.to(device)`` untouched, so no module ever reads sizes back from the device), and the
-``*_slots`` / ``patch_*`` index tensors of :class:`PackedBatch` let modules gather and
-scatter tokens without boolean masks (which would sync the host on every call).
+ONCE, at pack time, on the host: :class:`PackedLayout` holds it as Python ints and one numpy
+array of kept grid cells (it survives ``.to(device)`` untouched, so no module ever reads sizes
+or token positions back from the device), and the ``*_slots`` / ``patch_*`` index tensors of
+:class:`PackedBatch` let modules gather and scatter tokens without boolean masks (which would
+sync the host on every call).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from functools import cached_property
 from itertools import accumulate
 from typing import Callable
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True, eq=False)
 class PackedLayout:
-    """Host-side layout of one packed batch (Python ints, input order unless stated)."""
+    """Host-side layout of one packed batch (Python ints and one numpy array, input order unless stated)."""
 
     grids: tuple[tuple[int, int], ...]  # (h_i, w_i) patch grid
     image_sizes: tuple[tuple[int, int], ...]  # original (H_i, W_i) before resizing
@@ -38,6 +40,10 @@ class PackedLayout:
     seq_index: tuple[int, ...]  # sequence holding each image
     seq_offset: tuple[int, ...]  # start of the image's run (prefix slots included) in its sequence
     packing_order: tuple[int, ...]  # image index of each run, in flattened [S * L] order
+    # int64 [T], read-only: grid index row * w + col of every kept patch token, image-major and
+    # row-major (the host copy of PackedBatch.patch_cells minus cell offsets). One array, not
+    # T Python ints, so pickling a batch stays cheap.
+    kept_cells: np.ndarray
     num_sequences: int
     seq_len: int
     patch_size: int
@@ -271,6 +277,8 @@ class PackedBatch:
         cells = torch.tensor(lay.cell_offsets[:-1], dtype=torch.long)[image] + tok[slots]
         if not torch.equal(cpu(self.patch_cells), cells) or bool((tok[slots] < 0).any()):
             raise ValueError("PackedBatch.patch_cells does not match token_index")
+        if not torch.equal(torch.tensor(lay.kept_cells, dtype=torch.long), tok[slots]):
+            raise ValueError("PackedBatch.layout.kept_cells does not match token_index")
         if not torch.equal(cpu(self.valid_slots), (seg >= 0).nonzero().squeeze(1)):
             raise ValueError("PackedBatch.valid_slots is not the non-padding tokens in flattened order")
         start = torch.tensor(lay.seq_index, dtype=torch.long) * lay.seq_len + torch.tensor(lay.seq_offset, dtype=torch.long)

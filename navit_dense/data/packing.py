@@ -340,6 +340,8 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
             seq_index[i], seq_offset[i] = s, offset
             offset = end
         patches[s, offset:] = 0
+    kept_cells = np.concatenate([np.zeros(0, np.int64), *(np.asarray(k, dtype=np.int64) for k in kept_idx)])
+    kept_cells.setflags(write=False)  # shared by every copy of the layout
     layout = PackedLayout(
         grids=tuple((int(h), int(w)) for h, w in grids),
         image_sizes=tuple((int(h), int(w)) for h, w in sizes),
@@ -347,6 +349,7 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
         seq_index=tuple(seq_index),
         seq_offset=tuple(seq_offset),
         packing_order=tuple(i for b in bins for i in b),
+        kept_cells=kept_cells,
         num_sequences=S,
         seq_len=L,
         patch_size=patch_size,

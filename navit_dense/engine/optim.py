@@ -26,14 +26,18 @@ def find_backbone(model: nn.Module) -> tuple[str, NaViT | None]:
     return "", None
 
 
-# Parts of NaViT that act before the first block: layer 0 of layer-wise lr decay.
-_EMBEDDING_PARTS = {"patch_embed", "pos_embed", "prefix_tokens", "prefix_pos", "norm_pre"}
+# Parts of NaViT that act before the first block, and position encodings: layer 0 of layer-wise
+# lr decay. "rope" holds mixed RoPE's learned frequencies rope.freqs [2, depth, heads, head_dim / 2]
+# (one slice per block): a position encoding like pos_embed, so it decays like the embeddings.
+# (timm's Eva group_matcher matches no pattern for rope.freqs, which so falls to the head's
+# group: full lr for a block-0 quantity, deeper than any block's.)
+_EMBEDDING_PARTS = {"patch_embed", "pos_embed", "prefix_tokens", "prefix_pos", "norm_pre", "rope"}
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """({parameter name: layer}, number of layers). Embeddings are layer 0, block i is layer
-    i + 1, and everything after the last block (final norm, pooling, task heads) is the last
-    layer. Without a NaViT every parameter is in the last layer (no decay)."""
+    """({parameter name: layer}, number of layers). Embeddings (and learned RoPE frequencies) are
+    layer 0, block i is layer i + 1, and everything after the last block (final norm, pooling,
+    task heads) is the last layer. Without a NaViT every parameter is in the last layer (no decay)."""
     prefix, backbone = find_backbone(model)
     depth = len(backbone.blocks) if backbone is not None else 0
     last = depth + 1
@@ -85,7 +89,11 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # The fused kernel updates every tensor in one pass: 7x faster than the per-tensor loop torch
+    # uses on CPU by default (tools/profile_step.py: ~10 ms of a 150 ms demo step).
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -8,17 +8,30 @@ Kernels (all take q, k, v as [S, H, L, Dh] and return [S, L, H, Dh], zeros at pa
 - ``dense``: SDPA with an explicit [S, 1, L, L] block-diagonal mask. Reference for tests only.
 
 ``auto`` picks varlen or flex on CUDA (varlen needs fp16/bf16), segment elsewhere.
+
+Windowed attention (ViTDet, ``packed_attention(..., window_size=ws)``): each image's own grid
+is cut into ws x ws windows (the last row / column of windows is smaller: padding inside a
+window is masked, never attended, unlike ViTDet's zero tokens, and never crosses images). A
+window holds the image's KEPT tokens in it (token dropping leaves windows with fewer tokens;
+empty ones vanish). Patch tokens attend to their window and to their image's prefix tokens;
+prefix tokens (class / registers) attend to their whole image, as in a global block. So a
+window covering the whole grid is global attention, and packed equals one image at a time.
+The windows are runs of a second packed layout built once per batch from the host layout
+(:func:`window_layout`): each window is led by a copy of its image's prefix tokens, so every
+kernel runs on it unchanged; prefix queries get one small masked SDPA over their image.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.packed_batch import PackedBatch
+from ..data.packed_batch import PackedBatch, PackedLayout
 
 KERNELS = ("auto", "segment", "flex", "varlen", "dense")
 
@@ -26,7 +39,7 @@ KERNELS = ("auto", "segment", "flex", "varlen", "dense")
 class AttentionContext:
     """Per-forward precomputation shared by all blocks (masks are built lazily, once)."""
 
-    def __init__(self, batch: PackedBatch, kernel: str = "auto", rope: torch.Tensor | None = None, rope_half: bool = False):
+    def __init__(self, batch: PackedBatch | AttentionRuns, kernel: str = "auto", rope: torch.Tensor | None = None, rope_half: bool = False):
         """rope: [S, 1, L, 2 * head_dim] (sin, cos) rotary embedding of every packed token, applied
         to q and k by the blocks (identity at prefix slots and padding); rope_half: its channel
         layout (rotate-half instead of interleaved pairs)."""
@@ -47,17 +60,191 @@ class AttentionContext:
                 return "flex"
         return "segment"
 
-    def cached(self, key: str, build):
+    def cached(self, key, build):
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
 
+    def windows(self, window_size: int) -> tuple["AttentionContext", "WindowLayout"]:
+        """The context of the batch's window layout (its kernel, its own mask caches)."""
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        def build():
+            win = window_layout(self.batch, window_size)
+            return AttentionContext(win.runs, self.kernel), win
+
+        return self.cached(("windows", window_size), build)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, window_size: int = 0) -> torch.Tensor:
+    """Attention of every token over its own image ([S, H, L, Dh] in, [S, L, H, Dh] out), or over
+    its ``window_size`` window (see the module docstring) when that is > 0."""
     # The kernel is chosen from all three dtypes: mixed ones (fp32 q/k, bf16 v) fit neither
     # flash varlen nor Flex's backward, so they count as fp32.
     dtype = q.dtype if q.dtype == k.dtype == v.dtype else torch.float32
+    if window_size > 0:
+        return _windowed_attention(q, k, v, ctx, window_size, dtype)
     return _KERNEL_FNS[ctx.resolve(dtype)](q, k, v, ctx)
+
+
+# ---- windowed attention ------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class AttentionRuns:
+    """What the kernels read of a packed batch: the host layout of its runs and their device
+    tensors (see PackedBatch for each field). A PackedBatch is one (runs = images);
+    :func:`window_layout` builds one whose runs are windows."""
+
+    layout: PackedLayout
+    segment_ids: torch.Tensor  # long [S, L]: run of each slot; -1 at padding
+    padding_mask: torch.Tensor
+    valid_slots: torch.Tensor
+    cu_seqlens: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.segment_ids.device
+
+
+@dataclass(frozen=True, eq=False)
+class WindowLayout:
+    """A packed batch's windows (one window size), from its host layout; see :func:`window_layout`."""
+
+    runs: AttentionRuns  # [S, Lw] slots: per sequence, its images' windows in order, each a run of
+    # [copy of the image's prefix tokens, the window's kept tokens row-major]; >= 1 padding slot at the end
+    gather: torch.Tensor  # long [S, 1, Lw, 1]: slot of the batch each window slot reads (in its sequence)
+    scatter: torch.Tensor  # long [S, L, 1, 1]: window slot each patch token's output is read from; the
+    # last (padding, zero output) slot for prefix and padding slots
+    prefix_query: torch.Tensor  # long [S, 1, P, 1]: the sequence's prefix slots (P = most in a sequence; repeats pad)
+    prefix_mask: torch.Tensor  # bool [S, 1, P, L]: keys of each prefix query = its image
+    prefix_rows: torch.Tensor  # long [N * k]: row s * P + p of each prefix slot, in PackedBatch.prefix_slots order
+    window_tokens: tuple[int, ...]  # kept patch tokens of each window (empty ones left out), flattened order
+    prefix_pairs: int  # query-key pairs of the prefix queries (k per image over its run)
+
+    @property
+    def pairs(self) -> int:
+        """Query-key pairs one windowed layer attends: each patch token to its window and its
+        image's prefix tokens, each prefix token to its image (FLOPs: 4 * pairs * dim)."""
+        k = self.runs.layout.num_prefix_tokens
+        return sum(n * (n + k) for n in self.window_tokens) + self.prefix_pairs
+
+
+def window_layout(batch: PackedBatch, window_size: int) -> WindowLayout:
+    """The windows of ``batch`` (module docstring): built on the host from its layout once per
+    batch, window size and device, and kept with the layout, so forwards never read the device."""
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    lay = batch.layout
+    return lay.derived(("window_layout", window_size, str(batch.device)), lambda: _build_window_layout(batch, window_size))
+
+
+def _build_window_layout(batch: PackedBatch, ws: int) -> WindowLayout:
+    lay, device = batch.layout, batch.device
+    S, L, k, N = lay.num_sequences, lay.seq_len, lay.num_prefix_tokens, lay.num_images
+    h, w = np.array(lay.grids, dtype=np.int64).reshape(N, 2).T
+    cols = -(-w // ws)  # windows per row of windows, per image
+    first = np.concatenate([[0], np.cumsum(-(-h // ws) * cols)])  # image i's windows: [first[i], first[i + 1])
+    image = np.repeat(np.arange(N), lay.num_kept)  # of every kept token, image-major
+    row, col = lay.kept_cells // w[image], lay.kept_cells % w[image]
+    window = first[image] + row // ws * cols[image] + col // ws
+    counts = np.bincount(window, minlength=int(first[-1]))
+
+    # Runs: per sequence, its images in packed order, each image's non-empty windows in order.
+    runs = np.array([j for i in lay.packing_order for j in range(first[i], first[i + 1]) if counts[j]], dtype=np.int64)
+    run_image = np.searchsorted(first, runs, side="right") - 1
+    num_kept = counts[runs]
+    lengths = num_kept + k
+    seq = np.array(lay.seq_index, dtype=np.int64)[run_image]
+    start = np.cumsum(lengths) - lengths  # over all sequences; runs are in flattened order
+    seq_start = np.concatenate([[0], np.cumsum(np.bincount(seq, weights=lengths, minlength=S).astype(np.int64))])
+    offset = start - seq_start[seq]
+    Lw = -(-(int((seq_start[1:] - seq_start[:-1]).max()) + 1) // 8) * 8  # >= 1 padding slot per sequence
+    run_slot = seq * Lw + offset
+    local = runs - first[run_image]
+    extent_h = np.minimum(ws, h[run_image] - local // cols[run_image] * ws)
+    extent_w = np.minimum(ws, w[run_image] - local % cols[run_image] * ws)
+
+    # Tokens grouped by run (row-major inside): their window slot and the batch slot they come from.
+    run_of_window = np.full(len(counts), -1, dtype=np.int64)
+    run_of_window[runs] = np.arange(len(runs))
+    token_run = run_of_window[window]
+    order = np.argsort(token_run, kind="stable")
+    run = token_run[order]
+    rank = np.arange(len(order)) - (np.cumsum(num_kept) - num_kept)[run]
+    window_slot = run_slot[run] + k + rank
+    image_start = np.array(lay.seq_index, dtype=np.int64) * L + np.array(lay.seq_offset, dtype=np.int64)
+    token_slot = image_start[image[order]] + k + order - np.array(lay.token_offsets[:-1], dtype=np.int64)[image[order]]
+
+    gather = np.zeros((S, Lw), dtype=np.int64)  # padding reads slot 0: kernels ignore padding
+    gather.reshape(-1)[window_slot] = token_slot % L
+    for j in range(k):  # the prefix copies leading each window run
+        gather.reshape(-1)[run_slot + j] = (image_start[run_image] + j) % L
+    scatter = np.full((S, L), Lw - 1, dtype=np.int64)
+    scatter.reshape(-1)[token_slot] = window_slot % Lw
+    valid = np.repeat(run_slot - start, lengths) + np.arange(int(lengths.sum()))
+    segment = np.full((S, Lw), -1, dtype=np.int64)
+    segment.reshape(-1)[valid] = np.repeat(np.arange(len(runs)), lengths)
+
+    grids = tuple(zip(extent_h.tolist(), extent_w.tolist()))
+    windows = PackedLayout(
+        grids=grids, image_sizes=tuple((gh * lay.patch_size, gw * lay.patch_size) for gh, gw in grids),
+        num_kept=tuple(num_kept.tolist()), seq_index=tuple(seq.tolist()), seq_offset=tuple(offset.tolist()),
+        packing_order=tuple(range(len(runs))), kept_cells=row[order] % ws * extent_w[run] + col[order] % ws,
+        num_sequences=S, seq_len=Lw, patch_size=lay.patch_size, num_prefix_tokens=k,
+    )  # fmt: skip
+    on_device = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    segment_ids = on_device(segment)
+    query, query_image, rows = _prefix_queries(lay)
+    return WindowLayout(
+        runs=AttentionRuns(windows, segment_ids, segment_ids < 0, on_device(valid),
+                           torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device)),
+        gather=on_device(gather)[:, None, :, None],
+        scatter=on_device(scatter)[:, :, None, None],
+        prefix_query=on_device(query)[:, None, :, None],
+        prefix_mask=(batch.segment_ids[:, None, :] == on_device(query_image)[:, :, None])[:, None],
+        prefix_rows=on_device(rows),
+        window_tokens=windows.num_kept,
+        prefix_pairs=k * lay.num_tokens,
+    )  # fmt: skip
+
+
+def _prefix_queries(lay: PackedLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sequence, its prefix slots (images in packed order) padded to P = the most any
+    sequence has by repeating its first one: ([S, P] slot, [S, P] image of each, [N * k] row
+    s * P + p of every prefix slot in PackedBatch.prefix_slots order)."""
+    k, S = lay.num_prefix_tokens, lay.num_sequences
+    P = k * max(len(r) for r in lay.runs_by_sequence)
+    query, query_image = np.zeros((S, P), dtype=np.int64), np.zeros((S, P), dtype=np.int64)
+    rows = np.zeros((lay.num_images, k), dtype=np.int64)
+    filled = [0] * S
+    for i, s, start, _ in lay.runs:
+        p = filled[s]
+        if p == 0:
+            query[s], query_image[s] = start, i
+        query[s, p : p + k], query_image[s, p : p + k] = start + np.arange(k), i
+        rows[i] = s * P + p + np.arange(k)
+        filled[s] += k
+    return query, query_image, rows.reshape(-1)
+
+
+def _windowed_attention(q, k, v, ctx: AttentionContext, window_size: int, dtype: torch.dtype) -> torch.Tensor:
+    wctx, win = ctx.windows(window_size)
+    S, H, L, Dh = q.shape
+    index = win.gather.expand(S, H, -1, Dh)
+    out = _KERNEL_FNS[wctx.resolve(dtype)](q.gather(2, index), k.gather(2, index), v.gather(2, index), wctx)
+    out = out.gather(1, win.scatter.expand(S, L, H, Dh))  # [S, L, H, Dh]; prefix and padding slots 0
+    if not win.runs.layout.num_prefix_tokens:
+        return out
+    P = win.prefix_query.shape[2]
+    prefix = F.scaled_dot_product_attention(q.gather(2, win.prefix_query.expand(S, H, P, Dh)), k, v, attn_mask=win.prefix_mask)
+    rows = prefix.transpose(1, 2).reshape(S * P, H, Dh).index_select(0, win.prefix_rows)
+    return out.reshape(S * L, H, Dh).index_copy(0, ctx.batch.prefix_slots.reshape(-1), rows).view(S, L, H, Dh)
+
+
+def attention_pairs(batch: PackedBatch, window_size: int = 0) -> int:
+    """Query-key pairs one attention layer attends on ``batch`` (global, or windowed with
+    ``window_size``), counted from the host layout; attention FLOPs are 4 * pairs * dim."""
+    if window_size > 0:
+        return window_layout(batch, window_size).pairs
+    return sum(n * n for n in batch.layout.run_lengths)
 
 
 def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:

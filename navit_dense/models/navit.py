@@ -16,7 +16,8 @@ from timm.models._features import feature_take_indices
 
 from ..data.packed_batch import PackedBatch
 from .attention import AttentionContext, packed_attention
-from .pos_embed import build_pos_embed, build_rope, packed_rope
+from .patch_embed import PatchConvStem
+from .pos_embed import build_pos_embed, build_rope, is_mixed_rope, mixed_rope_coords, mixed_rope_embed, packed_rope
 from .unpack import maps_to_padded, unpack_prefix, unpack_to_maps
 
 
@@ -24,6 +25,9 @@ from .unpack import maps_to_padded, unpack_prefix, unpack_to_maps
 class NaViTConfig:
     patch_size: int = 16
     in_chans: int = 3
+    # Widths of stride-2 3x3 convs run inside every patch before the linear embedding
+    # (PatchConvStem); empty: the plain ViT linear patch embedding.
+    conv_stem: tuple[int, ...] = ()
     embed_dim: int = 192
     depth: int = 12
     num_heads: int = 3
@@ -42,28 +46,48 @@ class NaViTConfig:
     pos_embed_grid: int = 64  # table size (cells per side) of learned embeddings
     pos_embed_mode: str = "bicubic"  # learned2d resize: bicubic (timm) | bilinear (SigLIP2)
     pos_embed_antialias: bool = True
-    rope: str = "none"  # 2D rotary embedding on q/k of patch tokens: none | cat (axial: EVA02, PE, RoPE-ViT) | dinov3
-    rope_temperature: float = 10000.0
+    # 2D rotary embedding on q/k of patch tokens: none | cat (axial: EVA02, PE, RoPE-ViT) | dinov3 |
+    # mixed (RoPE-ViT RoPE-Mixed: learned x / y frequencies per block and head, parameter rope.freqs)
+    rope: str = "none"
+    rope_temperature: float = 10000.0  # frequency base (mixed: of the initial frequencies; RoPE-ViT uses 10)
     rope_rotate_half: bool = False  # channel layout: rotate-half instead of interleaved pairs (as the checkpoint needs)
     rope_grid_offset: float = 0.0
-    rope_grid_indexing: str = "ij"
+    rope_grid_indexing: str = "ij"  # "xy": x is the column (timm RoPE-ViT / PE checkpoints)
     rope_ref_grid: int = 0  # cat: rescale coordinates to this reference grid side (EVA02's ref_feat_shape); 0: none
-    rope_shift_coords: float | None = None  # dinov3 train-time coordinate augmentations
+    rope_shift_coords: float | None = None  # dinov3 / mixed train-time coordinate augmentations
     rope_jitter_coords: float | None = None
     rope_rescale_coords: float | None = None
     global_pool: str = "map"  # map | avg | token | none (dense heads that need no pooled vector)
     fc_norm: bool = False  # norm after pooling instead of before (timm semantics)
+    final_norm: bool = True  # LayerNorm after the last block (False: none, e.g. Perception Encoder spatial / lang)
     map_include_prefix: bool = True  # MAP also attends to prefix tokens (timm 1.0.31 default: patches only)
+    map_num_heads: int = 0  # heads of the MAP head; 0: the blocks' num_heads (Perception Encoder core pools with 8)
     num_classes: int = 0
     drop_path_rate: float = 0.0
     attn_kernel: str = "auto"  # auto | segment | flex | varlen | dense
+    window_size: int = 0  # ViTDet: attention within window_size x window_size windows of each image's grid; 0: global
+    global_attn_indexes: tuple[int, ...] = ()  # with windows, the blocks that stay global (negative: from the end)
     out_indices: tuple[int, ...] = (-1,)
     feature_norm: bool = True  # apply the final norm to every returned feature layer
     mask_fill: str = "token"  # dropped grid cells in feature maps: learned "token" or "zeros"
 
+    def __post_init__(self):
+        # YAML gives lists; a tuple keeps the config hashable and comparable.
+        object.__setattr__(self, "global_attn_indexes", tuple(int(i) for i in self.global_attn_indexes))
+        object.__setattr__(self, "conv_stem", tuple(int(c) for c in self.conv_stem))
+        if self.window_size < 0:
+            raise ValueError(f"window_size must be >= 0 (0: global attention), got {self.window_size}")
+        bad = [i for i in self.global_attn_indexes if not -self.depth <= i < self.depth]
+        if bad:
+            raise ValueError(f"global_attn_indexes {bad} are not blocks of a depth-{self.depth} model")
+
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.reg_tokens
+
+    def block_window_size(self, index: int) -> int:
+        """Window size of block ``index`` (0: global attention)."""
+        return 0 if index in {i % self.depth for i in self.global_attn_indexes} else self.window_size
 
 
 MODEL_CONFIGS: dict[str, dict] = {
@@ -94,8 +118,9 @@ def _block_mlp(cfg: NaViTConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: NaViTConfig):
+    def __init__(self, cfg: NaViTConfig, window_size: int = 0):
         super().__init__()
+        self.window_size = window_size
         dim = cfg.embed_dim
         if dim % cfg.num_heads:
             raise ValueError(f"embed_dim={dim} is not divisible by num_heads={cfg.num_heads}")
@@ -106,26 +131,30 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """rope: this block's own rotary embedding [S, H, L, 2 * Dh] (mixed RoPE, interleaved
+        channels), else the one of ctx shared by all blocks."""
         S, L, D = x.shape
         q, k, v = self.qkv(x).view(S, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        if ctx.rope is not None:  # [S, 1, L, 2 * Dh], built once per forward by the backbone
+        if rope is not None:
+            q, k = apply_rot_embed_cat(q, rope), apply_rot_embed_cat(k, rope)
+        elif ctx.rope is not None:  # [S, 1, L, 2 * Dh], built once per forward by the backbone
             q, k = apply_rot_embed_cat(q, ctx.rope, half=ctx.rope_half), apply_rot_embed_cat(k, ctx.rope, half=ctx.rope_half)
         # Under autocast LayerNorm (qk_norm) and the rotation return fp32 while v keeps the
         # autocast dtype: one dtype for every kernel (FlexAttention's backward refuses mixed ones).
-        out = packed_attention(q.to(v.dtype), k.to(v.dtype), v, ctx)
+        out = packed_attention(q.to(v.dtype), k.to(v.dtype), v, ctx, window_size=self.window_size)
         return self.proj(out.reshape(S, L, D))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block; stochastic depth drops whole images, not whole sequences."""
 
-    def __init__(self, cfg: NaViTConfig, drop_path: float):
+    def __init__(self, cfg: NaViTConfig, drop_path: float, window_size: int = 0):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window_size)
         self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = _block_mlp(cfg)
@@ -140,8 +169,8 @@ class Block(nn.Module):
         scale = keep.to(x.dtype) / (1.0 - self.drop_path)
         return scale[batch.segment_ids.clamp(min=0)].unsqueeze(-1)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        attn = self.ls1(self.attn(self.norm1(x), ctx))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, rope: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.ls1(self.attn(self.norm1(x), ctx, rope))
         scale = self._residual_scale(ctx, x)
         x = x + (attn if scale is None else attn * scale)
         mlp = self.ls2(self.mlp(self.norm2(x)))
@@ -157,8 +186,10 @@ class MAPHead(nn.Module):
     def __init__(self, cfg: NaViTConfig):
         super().__init__()
         dim = cfg.embed_dim
-        self.num_heads = cfg.num_heads
-        self.head_dim = dim // cfg.num_heads
+        self.num_heads = cfg.map_num_heads or cfg.num_heads
+        if cfg.map_num_heads < 0 or dim % self.num_heads:
+            raise ValueError(f"map_num_heads={cfg.map_num_heads}: embed_dim={dim} must split into that many MAP heads (0: num_heads)")
+        self.head_dim = dim // self.num_heads
         self.latent = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.latent, std=dim**-0.5)
         self.q = nn.Linear(dim, dim, bias=cfg.qkv_bias)
@@ -210,7 +241,10 @@ class NaViT(nn.Module):
         self.patch_size = cfg.patch_size
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.embed_dim = self.num_features = dim
-        self.patch_embed = nn.Linear(cfg.in_chans * cfg.patch_size**2, dim)
+        if cfg.conv_stem:
+            self.patch_embed = PatchConvStem(cfg.in_chans, cfg.patch_size, cfg.conv_stem, dim)
+        else:
+            self.patch_embed = nn.Linear(cfg.in_chans * cfg.patch_size**2, dim)
         self.pos_embed = build_pos_embed(
             cfg.pos_embed, dim, cfg.pos_embed_grid, mode=cfg.pos_embed_mode, antialias=cfg.pos_embed_antialias
         )
@@ -219,14 +253,14 @@ class NaViT(nn.Module):
             nn.init.normal_(self.prefix_tokens, std=1e-6 if cfg.class_token else 0.02)
             embed_prefix = cfg.pos_embed != "none" and not cfg.no_embed_class
             self.prefix_pos = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, dim)) if embed_prefix else None
-        self.rope = build_rope(cfg.rope, dim, cfg.num_heads, temperature=cfg.rope_temperature, rotate_half=cfg.rope_rotate_half,
+        self.rope = build_rope(cfg.rope, dim, cfg.num_heads, depth=cfg.depth, temperature=cfg.rope_temperature, rotate_half=cfg.rope_rotate_half,
                                grid_offset=cfg.rope_grid_offset, grid_indexing=cfg.rope_grid_indexing, ref_grid=cfg.rope_ref_grid,
                                shift_coords=cfg.rope_shift_coords, jitter_coords=cfg.rope_jitter_coords,
                                rescale_coords=cfg.rope_rescale_coords)  # fmt: skip
         self.norm_pre = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace, without a tensor (meta-device builds)
-        self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
-        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if not cfg.fc_norm else nn.Identity()
+        self.blocks = nn.ModuleList([Block(cfg, r, cfg.block_window_size(i)) for i, r in enumerate(rates)])
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.final_norm and not cfg.fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
         if cfg.global_pool not in ("map", "avg", "token", "none"):
             raise ValueError(f"global_pool must be map|avg|token|none, got {cfg.global_pool!r}")
@@ -271,12 +305,16 @@ class NaViT(nn.Module):
         """(tokens after block ``last`` (default: all blocks), {i: tokens after block i} for i in
         ``take``, passed through the final norm when ``norm``)."""
         self._check(batch)
-        rope = packed_rope(self.rope, batch) if self.rope is not None else None  # once per forward, every block
+        # RoPE once per forward for every block; mixed RoPE: token coordinates once, each
+        # block's rotation from its own learned frequencies.
+        mixed = is_mixed_rope(self.rope)
+        rope = packed_rope(self.rope, batch) if self.rope is not None and not mixed else None
+        coords = mixed_rope_coords(self.rope, batch) if mixed else None
         ctx = AttentionContext(batch, self.cfg.attn_kernel, rope=rope, rope_half=self.cfg.rope_rotate_half)
         x = self.embed(batch)
         inter: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[: None if last is None else last + 1]):
-            x = block(x, ctx)
+            x = block(x, ctx, mixed_rope_embed(self.rope, coords, i) if mixed else None)
             if i in take:
                 inter[i] = self.norm(x) if norm else x
         return x, inter

@@ -7,9 +7,12 @@ coordinates into the learned table (factorized) or resizing the table (learned 2
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from timm.layers import create_rope_embed, resample_abs_pos_embed
+from timm.layers.pos_embed_sincos import RotaryEmbeddingMixed
 
 from ..data.packed_batch import PackedBatch
 
@@ -134,25 +137,45 @@ def build_pos_embed(kind: str, dim: int, max_grid: int, **kwargs) -> nn.Module |
 
 
 # ---- rotary position embeddings (2D RoPE) --------------------------------------------------------
-ROPE_TYPES = ("none", "cat", "dinov3")
+ROPE_TYPES = ("none", "cat", "dinov3", "mixed")
 
 
-def build_rope(kind: str, dim: int, num_heads: int, *, temperature: float = 10000.0, rotate_half: bool = False,
+def build_rope(kind: str, dim: int, num_heads: int, *, depth: int = 0, temperature: float = 10000.0, rotate_half: bool = False,
                grid_offset: float = 0.0, grid_indexing: str = "ij", ref_grid: int = 0, shift_coords: float | None = None,
                jitter_coords: float | None = None, rescale_coords: float | None = None) -> nn.Module | None:  # fmt: skip
     """timm's rotary embedding module (``timm.layers.create_rope_embed``) with the arguments
     timm's Eva passes for a dynamic image size: "cat" is axial RoPE (EVA02, Perception
     Encoder, RoPE-ViT axial; ``ref_grid`` rescales coordinates to a reference grid), "dinov3"
-    uses coordinates normalized per image with DINOv3's train-time shift / jitter / rescale."""
+    uses coordinates normalized per image with DINOv3's train-time shift / jitter / rescale,
+    "mixed" is RoPE-ViT's RoPE-Mixed (timm ``RotaryEmbeddingMixed``): learned x / y frequencies
+    per block (``depth``) and head, a parameter ``freqs`` [2, depth, heads, head_dim / 2]
+    initialised at ``temperature`` (RoPE-ViT uses 10), integer grid coordinates, interleaved
+    channels; see :func:`mixed_rope_coords` / :func:`mixed_rope_embed`."""
     if kind == "none":
         return None
     if kind not in ROPE_TYPES:
         raise ValueError(f"unknown rope {kind!r}; choose one of {ROPE_TYPES}")
     options = dict(feat_shape=None, temperature=temperature, grid_indexing=grid_indexing, rotate_half=rotate_half,
                    shift_coords=shift_coords, jitter_coords=jitter_coords, rescale_coords=rescale_coords, grid_offset=grid_offset)  # fmt: skip
+    if kind == "mixed":
+        # timm's Mixed RoPE has neither a grid offset nor a reference grid, and only interleaved channels.
+        unsupported = [name for name, value in (("rope_rotate_half", rotate_half), ("rope_grid_offset", grid_offset), ("rope_ref_grid", ref_grid)) if value]
+        if unsupported:
+            raise ValueError(f"rope='mixed' (learned per-block frequencies) does not support {unsupported}: leave them at false / 0")
+        if depth < 1:
+            raise ValueError("rope='mixed' needs the model depth (one set of learned frequencies per block)")
+        if (dim // num_heads) % 4:
+            raise ValueError(f"rope='mixed' needs a head dim divisible by 4, got {dim // num_heads}")
+        del options["rotate_half"], options["grid_offset"]
+        return create_rope_embed(rope_type="mixed", dim=dim, num_heads=num_heads, depth=depth, **options)
     if kind == "cat":
         options.update(in_pixels=False, ref_feat_shape=(ref_grid, ref_grid) if ref_grid else None)
     return create_rope_embed(rope_type=kind, dim=dim, num_heads=num_heads, **options)
+
+
+def is_mixed_rope(rope: nn.Module | None) -> bool:
+    """Whether ``rope`` has learned per-block frequencies (evaluated per block, see mixed_rope_embed)."""
+    return isinstance(rope, RotaryEmbeddingMixed)
 
 
 def packed_rope(rope: nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -160,8 +183,43 @@ def packed_rope(rope: nn.Module, batch: PackedBatch) -> torch.Tensor:
     gets its own image grid's embedding at its own (row, col), so dropped tokens leave the kept
     ones' coordinates unchanged; prefix slots and padding get the identity rotation (sin 0,
     cos 1). One table per distinct grid, or per image while coordinate augmentation is active
-    (one draw per image, as timm's batched DINOv3 embeddings)."""
+    (one draw per image, as timm's batched DINOv3 embeddings). Not for mixed RoPE, whose
+    rotation differs per block (mixed_rope_coords / mixed_rope_embed)."""
     augment = rope.training and getattr(rope, "aug_active", False)
     emb = gather_grid_tables(batch, lambda h, w: rope.get_embed((h, w)).float().reshape(h * w, -1), per_image=augment)  # [S, L, 2 * Dh]
     identity = torch.cat([torch.zeros_like(emb[..., : emb.shape[-1] // 2]), torch.ones_like(emb[..., emb.shape[-1] // 2 :])], -1)
     return torch.where((batch.token_index >= 0)[..., None], emb, identity)[:, None]
+
+
+def mixed_rope_coords(rope: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """float32 [S, L, 2]: timm's (t_x, t_y) of every packed token for mixed RoPE, computed once
+    per forward: the token's own integer (row, col) in its image grid ((col, row) with
+    grid_indexing "xy", as timm's get_mixed_grid), 0 at prefix slots and padding (angle 0: no
+    rotation). While training with coordinate augmentation, one shift / jitter / rescale is drawn
+    per image (timm's order and ranges, in patch-index units)."""
+    pos = batch.positions.to(torch.float32)
+    coords = pos if rope.grid_indexing == "ij" else pos.flip(-1)
+    if rope.training and rope.aug_active:
+        n, device = batch.num_images, batch.device
+        image = batch.segment_ids.clamp(min=0)
+        if rope.shift_coords is not None:
+            s = float(rope.shift_coords)
+            coords = coords + torch.empty(n, 2, device=device).uniform_(-s, s)[image]
+        if rope.jitter_coords is not None:
+            j = math.log(float(rope.jitter_coords))
+            coords = coords * torch.empty(n, 2, device=device).uniform_(-j, j).exp()[image]
+        if rope.rescale_coords is not None:
+            r = math.log(float(rope.rescale_coords))
+            coords = coords * torch.empty(n, 1, device=device).uniform_(-r, r).exp()[image]
+    return coords * (batch.token_index >= 0)[..., None].to(coords.dtype)
+
+
+def mixed_rope_embed(rope: nn.Module, coords: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 [S, heads, L, 2 * head_dim] (sin, cos) of block ``block`` for mixed RoPE from
+    ``coords`` (mixed_rope_coords): angle = t_x * freqs[0, block] + t_y * freqs[1, block] per
+    head, each value repeated for its channel pair (interleaved layout), as timm's
+    get_mixed_freqs. Built from the parameter inside the forward, so ``freqs`` trains."""
+    f = rope.freqs[:, block].float()[:, None, :, None, :]  # [2, 1, H, 1, Dh / 2]
+    t = coords[:, None, :, :, None]  # [S, 1, L, 2, 1]
+    angle = t[..., 0, :] * f[0] + t[..., 1, :] * f[1]  # [S, H, L, Dh / 2]
+    return torch.cat([angle.sin().repeat_interleave(2, -1), angle.cos().repeat_interleave(2, -1)], -1)

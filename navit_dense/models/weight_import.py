@@ -10,6 +10,9 @@ be used, so a feature NaViT cannot express fails loudly instead of being dropped
 
 Layouts:
 - timm patch embedding is a Conv2d [D, C, P, P]; flattening it gives our (c, py, px) patches.
+- timm NaFlexVit (``embeds.*``) embeds patches with a Linear [D, P*P*C] over patches flattened
+  (py, px, c) (its default ``patchify_channels_last=True``); its columns are permuted. The
+  layout is not recorded in a file: ``patch_layout`` states it where it is not timm's default.
 - HF SigLIP2 (NaFlex) embeds patches flattened (py, px, c); its columns are permuted.
 - Absolute position tables become our ``learned2d`` grid, resized per image like the source
   does it (timm: bicubic + antialias, SigLIP2: bilinear + antialias).
@@ -92,6 +95,7 @@ def _load(model: NaViT, state_dict: dict[str, torch.Tensor]) -> NaViT:
 # Source keys NaViT has no place for, with the timm feature they belong to (for error messages).
 _TIMM_KEY_HINTS = {
     "rope": "rotary position embeddings (rope)",
+    "rope.freqs": "learned per-block RoPE frequencies (rope: mixed)",
     "fc1_g": "SwiGLU / GLU MLP",
     "fc1_x": "SwiGLU / GLU MLP",
     "w12": "SwiGLU MLP",
@@ -99,6 +103,7 @@ _TIMM_KEY_HINTS = {
     "attn.norm": "attention inner norm (scale_attn_norm)",
     "attn.gate": "gated attention",
     "patch_embed.norm": "patch-embedding norm (embed_norm_layer)",
+    "embeds.norm": "NaFlex embedding norm (embed_norm_layer / input_norm_layer)",
     "dist_token": "distillation token (DeiT distilled)",
     "head_dist": "distillation head (DeiT distilled)",
     "attn_pool.pos_embed": "attention-pool position embedding",
@@ -126,12 +131,14 @@ def _timm_trunk_fields(model: nn.Module, mlp_hidden: int, patch_size: int, in_ch
                 num_heads=model.blocks[0].attn.num_heads, mlp_ratio=_mlp_ratio(mlp_hidden, model.embed_dim))  # fmt: skip
 
 
-def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
-    """Architecture of a timm Eva (EVA02, DINOv3, Perception Encoder, RoPE-ViT); raises naming
-    every feature NaViT lacks. RoPE is carried over as NaViT's own (timm's modules, same
-    arguments); Eva's q/v-only bias becomes a qkv bias whose k part is zero."""
+def _eva_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
+    """Architecture of a timm Eva (EVA02, DINOv3, Perception Encoder, RoPE-ViT axial and mixed);
+    raises naming every feature NaViT lacks. RoPE is carried over as NaViT's own (timm's modules,
+    same arguments; mixed RoPE's learned frequencies are the weight ``rope.freqs``); Eva's
+    q/v-only bias becomes a qkv bias whose k part is zero. ``pooled=False``: the trunk only
+    (global_pool "none"), so the pooling head is not checked."""
     from timm.layers import GluMlp, Mlp, PatchEmbed
-    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+    from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3, RotaryEmbeddingMixed
     from timm.models.eva import EvaBlock
 
     problems: list[str] = []
@@ -177,18 +184,32 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
                            rope_grid_offset=float(rope.grid_offset), rope_grid_indexing=rope.grid_indexing,
                            rope_ref_grid=int(ref[0]) if ref is not None else 0, rope_shift_coords=rope.shift_coords,
                            rope_jitter_coords=rope.jitter_coords, rope_rescale_coords=rope.rescale_coords)  # fmt: skip
+    elif type(rope) is RotaryEmbeddingMixed:
+        kind = "mixed"
+        if any(b.attn.rotate_half for b in model.blocks) or tuple(rope.freqs.shape[1:3]) != (len(model.blocks), blk.attn.num_heads):
+            problems.append(f"mixed RoPE with rotate-half channels or frequencies {tuple(rope.freqs.shape)} not per block and head")
+        rope_fields = dict(rope_temperature=float(rope.temperature), rope_rotate_half=False, rope_grid_indexing=rope.grid_indexing,
+                           rope_shift_coords=rope.shift_coords, rope_jitter_coords=rope.jitter_coords,
+                           rope_rescale_coords=rope.rescale_coords)  # fmt: skip
     else:
-        problems.append(f"rotary embedding {type(rope).__name__} (learned mixed frequencies / mrope)")
+        problems.append(f"rotary embedding {type(rope).__name__} (multimodal / other rotary embeddings)")
     pool = model.global_pool
     if pool not in ("token", "avg", "map"):
         problems.append(f"global_pool={pool!r} on an Eva model (supported: token, avg, map)")
     ap = getattr(model, "attn_pool", None)
-    if pool == "map" and (type(ap).__name__ != "AttentionPoolLatent" or ap.latent_len != 1 or ap.pos_embed is not None
-                          or not (_is_identity(ap.q_norm) and _is_identity(ap.k_norm)) or ap.mlp is None):  # fmt: skip
-        problems.append("attention pool other than one latent with an MLP and no qk norm / position embedding")
-    elif pool == "map" and (ap.num_heads != blk.attn.num_heads or ap.norm.eps != blk.norm1.eps):
-        problems.append(f"attention pool with its own head count ({ap.num_heads} vs {blk.attn.num_heads}) or norm eps "
-                        f"({ap.norm.eps} vs {blk.norm1.eps}) (NaViT's MAP head shares the blocks')")  # fmt: skip
+    act = _timm_act(blk.mlp.act) if type(blk.mlp) is Mlp else "gelu"  # a GLU block's SiLU gate is fixed
+    if act is None:
+        problems.append(f"activation {type(blk.mlp.act).__name__}")
+    if pooled and pool == "map":
+        fc1 = getattr(blk.mlp, "fc1", None)
+        hidden = fc1.out_features // (2 if type(blk.mlp) is not Mlp else 1) if fc1 is not None else None
+        if (type(ap).__name__ != "AttentionPoolLatent" or ap.latent_len != 1 or ap.pos_embed is not None
+                or not (_is_identity(ap.q_norm) and _is_identity(ap.k_norm)) or ap.mlp is None):  # fmt: skip
+            problems.append("attention pool other than one latent with an MLP and no qk norm / position embedding")
+        elif ap.norm.eps != blk.norm1.eps or ap.mlp.fc1.out_features != hidden or _timm_act(ap.mlp.act) != act or \
+                (ap.kv.bias is not None) != (blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None):  # fmt: skip
+            problems.append("attention pool whose norm eps, MLP width / activation or qkv bias differ from the blocks' "
+                            "(NaViT's MAP head shares them)")  # fmt: skip
     reg = model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0
     grid = pe.grid_size
     pos = model.pos_embed
@@ -203,7 +224,7 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
         mlp_type="glu" if is_glu else "mlp",
         qkv_bias=blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None,
         init_values=1.0 if blk.gamma_1 is not None else None,  # value is overwritten by the weights
-        act=_timm_act(blk.mlp.act) if not is_glu else "gelu",  # a GLU block's SiLU gate is fixed
+        act=act,
         norm_eps=norms[0].eps if norms else 1e-6,
         pre_norm=not _is_identity(model.norm_pre),
         class_token=model.cls_token is not None,
@@ -215,9 +236,13 @@ def _eva_model_fields(model: nn.Module) -> dict[str, Any]:
         pos_embed_antialias=True,
         rope=kind,
         **rope_fields,
-        global_pool=pool,
+        global_pool=pool if pooled else "none",
         fc_norm=not _is_identity(model.fc_norm),
+        # timm's Eva has either a final norm or fc_norm; with neither (PE spatial / lang) features are the last block's output
+        final_norm=not _is_identity(model.norm) or not _is_identity(model.fc_norm),
         map_include_prefix=True,  # Eva's attention pool sees every token
+        # Perception Encoder core (vit_pe_core_*) pools with 8 heads over blocks with their own count
+        map_num_heads=ap.num_heads if pooled and pool == "map" and ap.num_heads != blk.attn.num_heads else 0,
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
     )
 
@@ -245,9 +270,15 @@ def _naflex_model_fields(model: nn.Module) -> dict[str, Any]:
     pool = model.global_pool
     if pool not in ("token", "avg", "map", ""):
         problems.append(f"global_pool={pool!r}")
+    ap = getattr(model, "attn_pool", None)
+    if ap is not None and (ap.latent_len != 1 or ap.pos_embed is not None or ap.mlp is None or not isinstance(ap.q, nn.Linear)
+                           or not (_is_identity(ap.q_norm) and _is_identity(ap.k_norm))):  # fmt: skip
+        problems.append("attention pool other than one latent with q projection and MLP, no qk norm / position embedding")
+    grid = e.pos_embed_grid_size
+    if grid is not None and grid[0] != grid[1]:
+        problems.append(f"non-square position grid {tuple(grid)}")
     if problems:
         raise ValueError("unsupported timm NaFlexVit feature(s): " + "; ".join(dict.fromkeys(problems)))
-    grid = e.pos_embed_grid_size
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     return dict(
         **_timm_trunk_fields(model, blk.mlp.fc1.out_features, e.patch_size[0], e.in_chans),
@@ -266,30 +297,81 @@ def _naflex_model_fields(model: nn.Module) -> dict[str, Any]:
         pos_embed_antialias=bool(e.pos_embed_antialias),
         global_pool=pool or "none",
         fc_norm=not _is_identity(model.fc_norm),
+        final_norm=not _is_identity(model.norm) or not _is_identity(model.fc_norm),
         map_include_prefix=bool(model.pool_include_prefix),
+        # attn_pool_num_heads: a pool with its own head count (0: the blocks')
+        map_num_heads=ap.num_heads if ap is not None and ap.num_heads != blk.attn.num_heads else 0,
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
     )
 
 
-def _naflex_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """NaFlexVit tensor names -> timm VisionTransformer names (what convert_timm_state_dict reads)."""
-    e, sd = model.embeds, dict(model.state_dict())
-    D, P, C = model.embed_dim, e.patch_size[0], e.in_chans
+# Patch layouts of a linear patch embedding: how its input columns flatten a patch.
+PATCH_LAYOUTS = ("auto", "channels_last", "channels_first")
+_LAYOUT_HELP = ("patch_layout='channels_last' (patches flattened (py, px, c): timm NaFlexVit's default "
+                "patchify_channels_last=True) or 'channels_first' ((c, py, px): patchify_channels_last=False)")  # fmt: skip
+
+
+def is_naflex_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether tensors are named like a timm NaFlexVit's (patch embedding ``embeds.proj.weight``)."""
+    return "embeds.proj.weight" in state_dict
+
+
+def timm_patch_layout(state_dict: Mapping[str, torch.Tensor], patch_layout: str = "auto") -> str | None:
+    """How the columns of a timm-family file's linear patch embedding flatten a patch, or None
+    when the embedding is a Conv2d (whose layout is its own). ``auto``: a NaFlexVit linear
+    embedding (``embeds.proj.weight`` [D, P*P*C]) is read as timm's default, channels-last
+    (every ``naflexvit_*`` model); a linear embedding anywhere else cannot be told and needs
+    ``patch_layout``."""
+    if patch_layout not in PATCH_LAYOUTS:
+        raise ValueError(f"patch_layout {patch_layout!r} is not one of {PATCH_LAYOUTS}")
+    key = "embeds.proj.weight" if is_naflex_state_dict(state_dict) else "patch_embed.proj.weight"
+    w = state_dict.get(key)
+    if w is None or w.dim() != 2:
+        return None
+    if patch_layout != "auto":
+        return patch_layout
+    if key == "embeds.proj.weight":
+        return "channels_last"
+    raise ValueError(f"{key} {tuple(w.shape)} is a Linear over flattened patches whose column order the file does not "
+                     f"record: pass {_LAYOUT_HELP}")  # fmt: skip
+
+
+def _naflex_state_dict(sd: Mapping[str, torch.Tensor], patch_size: int | None, in_chans: int, patch_layout: str = "auto") -> dict[str, torch.Tensor]:
+    """NaFlexVit tensor names -> timm VisionTransformer names (what convert_timm_state_dict reads):
+    a linear patch embedding becomes the Conv2d weight [D, C, P, P] it equals (columns read in
+    ``patch_layout``, see timm_patch_layout), ``embeds.*`` tokens / tables lose their prefix.
+    ``patch_size`` None: read from the weight's width and ``in_chans``."""
+    layout = timm_patch_layout(sd, patch_layout)
+    sd = dict(sd)
     w = sd.pop("embeds.proj.weight")
-    if e.channels_last:  # patches flattened (py, px, c); NaViT's are (c, py, px)
-        w = w.reshape(D, P, P, C).permute(0, 3, 1, 2)
-    out = {"patch_embed.proj.weight": w.reshape(D, C, P, P)}
+    if w.dim() == 2:
+        D, K, C = w.shape[0], w.shape[1], in_chans
+        P = patch_size if patch_size else math.isqrt(K // C)
+        if P * P * C != K:
+            raise ValueError(f"NaFlex embeds.proj.weight {tuple(w.shape)} does not take patch_size x patch_size x in_chans "
+                             f"= {P} x {P} x {C} inputs: set patch_size / in_chans to the checkpoint's")  # fmt: skip
+        # columns flattened (py, px, c) or (c, py, px); NaViT's are (c, py, px)
+        w = w.reshape(D, P, P, C).permute(0, 3, 1, 2) if layout == "channels_last" else w.reshape(D, C, P, P)
+    out = {"patch_embed.proj.weight": w}
+    D = w.shape[0]
     if "embeds.proj.bias" in sd:
         out["patch_embed.proj.bias"] = sd.pop("embeds.proj.bias")
     for key in ("cls_token", "reg_token"):
         if f"embeds.{key}" in sd:
             out[key] = sd.pop(f"embeds.{key}")
     if "embeds.pos_embed" in sd:
-        out["pos_embed"] = sd.pop("embeds.pos_embed").reshape(1, -1, D)
+        table = sd.pop("embeds.pos_embed")  # [1, H, W, D]
+        if table.dim() != 4 or table.shape[1] != table.shape[2]:
+            raise ValueError(f"NaFlex embeds.pos_embed {tuple(table.shape)}: NaViT's learned2d table is a square [1, G, G, D] grid")
+        out["pos_embed"] = table.reshape(1, -1, D)  # no prefix entries: NaFlex adds positions to patches only
     for axis, ours in (("y", "row"), ("x", "col")):  # factorized tables go straight to NaViT's names
         if f"embeds.pos_embed_{axis}" in sd:
             out[f"pos_embed.{ours}"] = sd.pop(f"embeds.pos_embed_{axis}").reshape(-1, D)
     return {**out, **sd}
+
+
+def _is_eva_state_dict(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.endswith((".gamma_1", ".q_bias")) for k in sd)
 
 
 def _eva_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -307,16 +389,16 @@ def _eva_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
+def _timm_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
     """Architecture of a timm VisionTransformer (or Eva, see _eva_model_fields); raises naming
-    every feature NaViT lacks."""
+    every feature NaViT lacks. ``pooled=False``: the trunk only, the pooling head is not checked."""
     from timm.layers import Mlp, PatchEmbed
     from timm.layers.attention import Attention
     from timm.models.eva import Eva
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if isinstance(model, Eva):
-        return _eva_model_fields(model)
+        return _eva_model_fields(model, pooled)
     if type(model).__name__ == "NaFlexVit":
         return _naflex_model_fields(model)
 
@@ -386,9 +468,7 @@ def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
         problems.append(f"global_pool={pool!r} (supported: token, avg, map)")
     if pool == "avg" and model.pool_include_prefix:
         problems.append("avg pooling over prefix tokens (pool_include_prefix=True)")
-    if _is_identity(model.norm) and _is_identity(model.fc_norm):
-        problems.append("final_norm=False")
-    if pool == "map":
+    if pool == "map" and pooled:
         ap = model.attn_pool
         if type(ap).__name__ != "AttentionPoolLatent":
             problems.append(f"attention pool {type(ap).__name__}")
@@ -425,21 +505,37 @@ def _timm_model_fields(model: nn.Module) -> dict[str, Any]:
         pos_embed_antialias=True,
         global_pool=pool,
         fc_norm=not _is_identity(model.fc_norm),
+        final_norm=not _is_identity(model.norm) or not _is_identity(model.fc_norm),  # neither: timm's final_norm=False
         map_include_prefix=bool(model.pool_include_prefix),
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
     )
 
 
 def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Architecture from timm state-dict shapes. eps, activation and (without qk_norm) the head
-    count are not recorded in weights: they default to timm's ViT defaults (1e-6, exact GELU)
-    or must be passed as overrides (num_heads)."""
-    hints = sorted({hint for k in sd for pat, hint in _TIMM_KEY_HINTS.items() if pat in k})
+    """Architecture from timm state-dict shapes (VisionTransformer; NaFlexVit ``embeds.*`` names;
+    Eva ``gamma_1`` / ``q_bias`` names, whose SiLU GLU MLP and mixed RoPE ``rope.freqs`` are read).
+    eps, activation, the head count (without qk_norm or rope.freqs), the attention pool's head
+    count and every RoPE option but "mixed" are not recorded in weights: they default to timm's
+    ViT defaults (1e-6, exact GELU, no RoPE) or must be passed as overrides (num_heads; an Eva
+    file needs ``rope``)."""
+    naflex = is_naflex_state_dict(sd)
+    if naflex:  # the patch layout only orders columns: any reading gives the same fields
+        sd = _naflex_state_dict(sd, overrides.get("patch_size"), overrides.get("in_chans", 3), "channels_last")
+    eva = _is_eva_state_dict(sd)
+    if eva:
+        sd = _eva_state_dict(sd)
+    freqs = sd.get("rope.freqs")  # mixed RoPE: [2, depth, heads, head_dim / 2]
+    hints = sorted({hint for k in sd if k != "rope.freqs" for pat, hint in _TIMM_KEY_HINTS.items() if pat in k})
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
-    if fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:
+    glu = fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]
+    if glu and not (eva and fc1.shape[0] == 2 * fc2.shape[1]):  # Eva's GluMlp (SiLU gate first) is NaViT's mlp_type glu
         hints.append("SwiGLU / GLU MLP (packed fc1 twice as wide as fc2's input)")
     if hints:
         raise ValueError(f"unsupported timm ViT feature(s): {hints}")
+    if eva and freqs is None and "rope" not in overrides:
+        raise ValueError("an Eva-style timm state dict (gamma_1 / q_bias: DINOv3, EVA02, RoPE-ViT, ...) whose rotary "
+                         "embedding the weights do not record: pass rope= (none | cat | dinov3) with its rope_* options, "
+                         "or import the timm model object")  # fmt: skip
     missing = [k for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight") if k not in sd]
     if missing:
         raise ValueError(f"not a timm VisionTransformer state dict: no {missing}")
@@ -454,6 +550,8 @@ def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[s
 
     if "blocks.0.attn.q_norm.weight" in sd:
         num_heads = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
+    elif freqs is not None:
+        num_heads = freqs.shape[2]
     elif "num_heads" in overrides:
         num_heads = overrides["num_heads"]
     else:
@@ -465,7 +563,8 @@ def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[s
         embed_dim=D,
         depth=depth,
         num_heads=num_heads,
-        mlp_ratio=_mlp_ratio(sd["blocks.0.mlp.fc1.weight"].shape[0], D),
+        mlp_ratio=_mlp_ratio(fc2.shape[1] if glu else sd["blocks.0.mlp.fc1.weight"].shape[0], D),
+        mlp_type="glu" if glu else "mlp",
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         qk_norm="blocks.0.attn.q_norm.weight" in sd,
         init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
@@ -478,14 +577,22 @@ def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[s
         pos_embed_mode="bicubic",
         pos_embed_antialias=True,
         fc_norm="fc_norm.weight" in sd,
+        final_norm="norm.weight" in sd or "fc_norm.weight" in sd,  # neither: features are the last block's output
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
-        map_include_prefix=False,  # timm >= 1.0 AttentionPoolLatent sees patch tokens only
+        # timm >= 1.0 VisionTransformer / NaFlexVit AttentionPoolLatent sees patch tokens only; Eva's every token
+        map_include_prefix=eva,
     )
+    if freqs is not None:
+        if freqs.dim() != 4 or freqs.shape[:2] != (2, depth) or freqs.shape[3] * 2 * num_heads != D:
+            raise ValueError(f"rope.freqs {tuple(freqs.shape)} is not mixed RoPE's [2, depth={depth}, heads, head_dim / 2]")
+        found["rope"] = "mixed"
+    if "pos_embed.row" in sd:  # NaFlex factorized tables, read at fractional coordinates
+        found.update(pos_embed="fractional", pos_embed_grid=sd["pos_embed.row"].shape[0], no_embed_class=True)
     if "pos_embed" in sd:
         T = sd["pos_embed"].shape[1]
-        # The table has entries for the prefix tokens unless no_embed_class; when not told,
-        # the reading that leaves a square grid wins (with-prefix first, as timm's default).
-        choices = [overrides["no_embed_class"]] if "no_embed_class" in overrides else [False, True]
+        # The table has entries for the prefix tokens unless no_embed_class (never in NaFlex); when
+        # not told, the reading that leaves a square grid wins (with-prefix first, as timm's default).
+        choices = [overrides["no_embed_class"]] if "no_embed_class" in overrides else [True] if naflex else [False, True]
         for no_embed in choices:
             G = math.isqrt(max(T - (0 if no_embed else num_prefix), 0))
             if G * G == T - (0 if no_embed else num_prefix):
@@ -505,22 +612,30 @@ def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[s
 def config_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **overrides) -> NaViTConfig:
     """NaViTConfig equivalent to a timm VisionTransformer (or its state dict + overrides).
 
-    Overrides replace any NaViTConfig field (e.g. out_indices, attn_kernel, drop_path_rate)."""
+    Overrides replace any NaViTConfig field (e.g. out_indices, attn_kernel, drop_path_rate);
+    ``global_pool="none"`` describes the trunk alone (no pooling head, no classifier)."""
+    pooled = overrides.get("global_pool") != "none"
     if isinstance(model_or_state_dict, nn.Module):
-        found = _timm_model_fields(model_or_state_dict)
+        found = _timm_model_fields(model_or_state_dict, pooled)
     else:
         found = _timm_state_dict_fields(model_or_state_dict, overrides)
+    if not pooled:
+        found.update(global_pool="none", num_classes=0, map_num_heads=0)
     return _make_config(found, overrides)
 
 
 def convert_timm_state_dict(
-    state_dict: Mapping[str, torch.Tensor], cfg: NaViTConfig, reference: NaViT | None = None
+    state_dict: Mapping[str, torch.Tensor], cfg: NaViTConfig, reference: NaViT | None = None, patch_layout: str = "auto"
 ) -> dict[str, torch.Tensor]:
-    """timm VisionTransformer tensors (or Eva's: DINOv3, EVA02, RoPE-ViT) -> NaViT state dict
-    for ``cfg`` (see config_from_timm). ``reference``: a NaViT built from cfg, to read target
-    shapes without building another."""
-    eva = any(k.endswith((".gamma_1", ".q_bias")) for k in state_dict)
-    sd = _eva_state_dict(state_dict) if eva else dict(state_dict)
+    """timm VisionTransformer tensors (or Eva's: DINOv3, EVA02, RoPE-ViT axial / mixed, whose
+    learned ``rope.freqs`` keep their name, Perception Encoder; or NaFlexVit's ``embeds.*``) ->
+    NaViT state dict for ``cfg`` (see config_from_timm). ``reference``: a NaViT built from cfg, to
+    read target shapes without building another. ``patch_layout``: column order of a linear patch
+    embedding (see timm_patch_layout; auto reads a NaFlexVit file as timm's channels-last default)."""
+    layout = timm_patch_layout(state_dict, patch_layout)
+    if is_naflex_state_dict(state_dict):
+        state_dict = _naflex_state_dict(state_dict, cfg.patch_size, cfg.in_chans, patch_layout)
+    sd = _eva_state_dict(state_dict) if _is_eva_state_dict(state_dict) else dict(state_dict)
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
@@ -528,7 +643,13 @@ def convert_timm_state_dict(
         return sd[key]
 
     D = cfg.embed_dim
-    out: dict[str, torch.Tensor] = {"patch_embed.weight": take("patch_embed.proj.weight").reshape(D, -1)}
+    w = take("patch_embed.proj.weight")
+    if w.dim() == 2 and layout == "channels_last":  # a linear embedding over (py, px, c) columns
+        P, C = cfg.patch_size, cfg.in_chans
+        if w.shape[1] != P * P * C:
+            raise ValueError(f"patch_embed.proj.weight {tuple(w.shape)} does not take patch_size x patch_size x in_chans = {P} x {P} x {C} inputs")
+        w = w.reshape(-1, P, P, C).permute(0, 3, 1, 2)
+    out: dict[str, torch.Tensor] = {"patch_embed.weight": w.reshape(D, -1)}
     if "patch_embed.proj.bias" in sd:  # CLIP-style (pre_norm) stems have none: zero-filled below
         out["patch_embed.bias"] = take("patch_embed.proj.bias")
 
@@ -567,18 +688,27 @@ def convert_timm_state_dict(
     return _finish(out, expected, "timm")
 
 
-def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], **overrides) -> NaViT:
-    """NaViT (eval mode) computing the same function as a timm VisionTransformer.
+def navit_from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], *, patch_layout: str = "auto", **overrides) -> NaViT:
+    """NaViT (eval mode) computing the same function as a timm VisionTransformer (or Eva, or
+    NaFlexVit model).
 
     Pass the timm model itself (architecture read from its modules) or its state dict (shapes
-    give the architecture; pass num_heads, and norm_eps / act when not timm's defaults)."""
+    give the architecture; pass num_heads, and norm_eps / act when not timm's defaults; RoPE
+    options, and map_num_heads for a pool with its own head count, are not in the weights either).
+    ``global_pool="none"`` imports the trunk alone: the source's pooling head and classifier
+    (``attn_pool.*``, ``head.*``) are left out, as asked. ``patch_layout``: see timm_patch_layout
+    (a NaFlexVit model object states its own)."""
     cfg = config_from_timm(model_or_state_dict, **overrides)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
-    kind = type(model_or_state_dict).__name__ if isinstance(model_or_state_dict, nn.Module) else ""
-    if kind == "NaFlexVit":
-        sd = _naflex_state_dict(model_or_state_dict)
+    if type(model_or_state_dict).__name__ == "NaFlexVit":
+        own = "channels_last" if model_or_state_dict.embeds.channels_last else "channels_first"
+        if patch_layout not in ("auto", own):
+            raise ValueError(f"patch_layout={patch_layout!r}, but this NaFlexVit flattens patches {own}")
+        patch_layout = own
+    if cfg.global_pool == "none":
+        sd = {k: v for k, v in sd.items() if not k.startswith(("attn_pool.", "head."))}
     model = NaViT(cfg)
-    return _load(model, convert_timm_state_dict(sd, cfg, reference=model))
+    return _load(model, convert_timm_state_dict(sd, cfg, reference=model, patch_layout=patch_layout))
 
 
 # ---- HF transformers SigLIP2 (NaFlex) --------------------------------------------------------

@@ -37,7 +37,8 @@ Cost: the ViT runs on sum_i ceil(h_i/P) * ceil(w_i/P) tokens, not N * H * W / P^
 
 from __future__ import annotations
 
-from typing import Sequence
+from os import PathLike
+from typing import Mapping, Sequence
 
 import torch.nn.functional as F
 from mmengine.logging import print_log
@@ -54,8 +55,10 @@ from ...models.pretrained import load_pretrained
 from ...models.pyramid import SimpleFeaturePyramid
 from ...models.unpack import maps_to_canvas
 
-# Weights a pretrained NaViT (or converted timm ViT) may carry that a dense backbone built with
-# global_pool="none" and mask_fill="zeros" has no place for (pooling, classifier, mask token).
+# load_pretrained's options besides the path (those of model.backbone.init, and patch_layout). What
+# the dense backbone (global_pool="none", mask_fill="zeros") has no place for (pooling, classifier,
+# mask token) is skipped and reported by load_pretrained.
+_PRETRAINED_OPTIONS = ("format", "prefix", "patch_layout")
 
 
 @MODELS.register_module()
@@ -70,10 +73,13 @@ class NaViTMMSegBackbone(BaseModule):
             (default: all four, strides P/4 .. 2P, what UPerHead expects).
         seq_len: capacity of one packed sequence; 0 (or anything smaller than the largest
             image) means the largest image's token count, so no image is ever resized.
-        pretrained: weights file or directory (a timm ViT, a HF SigLIP2 checkpoint, or a NaViT
-            state dict; see navit_dense.models.pretrained), loaded in ``init_weights`` (so
-            mmengine's Runner loads it once, before training). It must fit the architecture
-            given here (e.g. class_token / pos_embed / pos_embed_grid for timm ViTs).
+        pretrained: weights file or directory (a timm ViT, Eva (DINOv3, EVA02, RoPE-ViT, PE) or
+            NaFlexVit file, a HF SigLIP2 checkpoint, or a NaViT state dict), loaded in
+            ``init_weights`` (so mmengine's Runner loads it once, before training) by the loader of
+            ``model.backbone.init`` (navit_dense.models.pretrained.load_pretrained). A path, or
+            ``dict(path=..., format=..., prefix=..., patch_layout=...)`` with that function's
+            options. It must fit the architecture given here (e.g. class_token / pos_embed /
+            pos_embed_grid for timm ViTs, rope options for RoPE models).
         **net_overrides: any NaViTConfig field (depth, embed_dim, drop_path_rate, pos_embed, ...).
             Defaults here: global_pool="none", mask_fill="zeros" (a dense backbone uses neither
             a pooled vector nor the mask token; parameters without gradients break DDP).
@@ -85,7 +91,7 @@ class NaViTMMSegBackbone(BaseModule):
         out_indices: Sequence[int] = (3, 5, 7, 11),
         scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
         seq_len: int = 0,
-        pretrained: str | None = None,
+        pretrained: str | dict | None = None,
         init_cfg: dict | None = None,
         **net_overrides,
     ):
@@ -114,11 +120,27 @@ class NaViTMMSegBackbone(BaseModule):
         self.register_load_state_dict_pre_hook(_rename_levels)
         self.seq_len = seq_len
         self.pretrained = pretrained
+        self._pretrained_args()  # a misspelt option fails when the model is built, not at init_weights
+
+    def _pretrained_args(self) -> dict:
+        """load_pretrained keyword arguments from ``pretrained`` ({} when there is none)."""
+        spec = self.pretrained
+        if not spec:
+            return {}
+        if isinstance(spec, (str, PathLike)):
+            return {"path": spec}
+        if not isinstance(spec, Mapping) or not spec.get("path"):
+            raise ValueError(f"NaViTMMSegBackbone pretrained={spec!r}: expected a path or dict(path=..., [{', '.join(_PRETRAINED_OPTIONS)}])")
+        unknown = sorted(set(spec) - {"path", *_PRETRAINED_OPTIONS})
+        if unknown:
+            raise ValueError(f"NaViTMMSegBackbone pretrained: unknown option(s) {unknown}; valid: path, {', '.join(_PRETRAINED_OPTIONS)}")
+        return dict(spec)
 
     def init_weights(self) -> None:
         super().init_weights()
-        if self.pretrained:
-            report = load_pretrained(self.net, self.pretrained)
+        args = self._pretrained_args()
+        if args:
+            report = load_pretrained(self.net, **args)
             print_log(f"NaViTMMSegBackbone: {report['loaded']} tensors from {report['path']} ({report['format']}); "
                       f"skipped {report['skipped_source_keys'] or 'none'}", logger="current")  # fmt: skip
 

@@ -54,6 +54,10 @@ class LvisShapesSpec:
     num_classes: int = 30  # at most len(SHAPES) * len(COLOURS) (shape x colour)
     min_side: int = 96
     max_side: int = 384
+    # Shape radius as a fraction of the image's shorter side (uniform in this range; shapes
+    # shrink towards 40% of it when the image is crowded).
+    min_radius: float = 0.08
+    max_radius: float = 0.22
     rare_max: int = 0  # max train images of a rare class (0: 2% of train images, >= 2)
     common_max: int = 0  # max train images of a common class (0: 10% of train images)
     min_val_images: int = 2  # every class appears in at least this many val images
@@ -66,6 +70,8 @@ class LvisShapesSpec:
     def __post_init__(self) -> None:
         if self.min_side < 32 or self.max_side < self.min_side:
             raise ValueError(f"need 32 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if not 0 < self.min_radius <= self.max_radius <= 0.45:
+            raise ValueError(f"need 0 < min_radius <= max_radius <= 0.45, got {self.min_radius}, {self.max_radius}")
         if self.val_images < self.min_val_images:
             raise ValueError(f"val_images ({self.val_images}) must be >= min_val_images ({self.min_val_images})")
         if self.format not in ("jpg", "png"):
@@ -144,7 +150,7 @@ def _render_split(rng, split, per_image, groups, classes, first_image_id, first_
         for c in sorted(cats, key=lambda c: (rank[groups[c]], c)):  # rarest first: they get the empty canvas
             n_inst = 1 + int(rng.geometric(0.6) - 1 if rng.random() < 0.5 else 0)
             for _ in range(min(n_inst, 3)):
-                poly = _place(rng, classes[c][0], h, w, placed_boxes)
+                poly = _place(rng, classes[c][0], h, w, placed_boxes, (args.min_radius, args.max_radius))
                 if poly is None:
                     break
                 colour = np.array(COLOURS[classes[c][1]], dtype=np.float32) + rng.uniform(-20, 20, size=3)
@@ -189,12 +195,12 @@ def _render_split(rng, split, per_image, groups, classes, first_image_id, first_
     return images, annotations
 
 
-def _place(rng, kind, h, w, placed, tries: int = 60):
+def _place(rng, kind, h, w, placed, radius=(0.08, 0.22), tries: int = 60):
     """Rejection-sample a non-overlapping shape; shrinks as attempts fail. None if no room."""
     short = min(h, w)
     for t in range(tries):
         shrink = 1.0 - 0.6 * t / tries
-        r = max(7.0, rng.uniform(0.08, 0.22) * short * shrink)
+        r = max(7.0, rng.uniform(*radius) * short * shrink)
         poly = np.round(shape_polygon(kind, rng.uniform(0, w), rng.uniform(0, h), r, rng.uniform(0.8, 1.25), rng.uniform(0, 2 * np.pi)))
         x0, y0 = poly.min(0)
         x1, y1 = poly.max(0)

@@ -80,6 +80,7 @@ class OwlOutput:
     token_index: torch.Tensor  # long [T]: row * w_i + col in that image's patch grid
     offsets: torch.Tensor  # long [N + 1]: image i owns rows offsets[i]:offsets[i + 1]
     row_offsets: tuple[int, ...]  # the same offsets on the host (from the batch's layout)
+    token_cells: torch.Tensor | None = None  # [T, 4] each token's own grid cell, normalized (cx, cy, w, h)
 
     @property
     def num_images(self) -> int:
@@ -253,7 +254,9 @@ class OwlHead(nn.Module):
             x = x * unpack_prefix(tokens, batch)[:, 0][seg]
         x = self.norm(x)
 
-        pred_boxes = torch.sigmoid(self.box_head(x) + compute_box_bias(batch.grid_sizes, seg, tok, self.box_bias).to(x.dtype))
+        cells = token_boxes(batch.grid_sizes, seg, tok)
+        anchors = cells if self.box_bias == "center" else token_boxes(batch.grid_sizes, seg, tok, self.box_bias)
+        pred_boxes = torch.sigmoid(self.box_head(x) + inverse_sigmoid(anchors.clamp(0.0, 1.0)).to(x.dtype))
 
         embeds = F.normalize(self.class_proj(x), dim=-1)
         logits = embeds @ F.normalize(queries.to(x.dtype), dim=-1).T
@@ -265,7 +268,7 @@ class OwlHead(nn.Module):
             objectness = self.objectness_head(x.detach() if self.detach_objectness else x).squeeze(-1)
 
         offsets = torch.tensor(batch.layout.token_offsets, dtype=torch.long, device=x.device)
-        return OwlOutput(logits, pred_boxes, objectness, embeds, seg, tok, offsets, batch.layout.token_offsets)
+        return OwlOutput(logits, pred_boxes, objectness, embeds, seg, tok, offsets, batch.layout.token_offsets, cells)
 
 
 # ---- the detector and its class queries --------------------------------------------------
