@@ -28,6 +28,28 @@ PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "moto
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def perturbed(model, seed: int = 1):
+    """``model`` in eval mode with N(0, 0.02) noise on every parameter, so zero biases, unit
+    norms or tiny LayerScales cannot hide a weight-mapping error."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def timm_weight_file(name: str, kwargs: dict, folder: Path):
+    """(perturbed random-init timm model ``name``, its state dict saved as folder/model.safetensors)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = perturbed(timm.create_model(name, pretrained=False, **kwargs))
+    path = folder / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return vit, path
+
+
 def load_tool(name: str):
     """Import tools/<name>.py as a module (the CLIs are scripts, not package modules)."""
     import importlib.util

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import timm_weight_file
 from PIL import Image, ImageDraw
 
 from detectron2.config import LazyCall as L
@@ -107,21 +108,11 @@ def test_with_pretrained_loads_dinov3_and_naflexvit_files_like_model_backbone_in
     model.backbone.init's loader: a timm DINOv3 file (Eva names, RoPE, storage tokens, LayerScale)
     and a NaFlexVit file (embeds.* names, a Linear over channels-last patches) fill the detector's
     NaViT with the weights a load_pretrained NaViT gets, and it computes timm's patch features."""
-    import timm
-    from safetensors.torch import save_file
-
     from navit_dense import pack_images
     from navit_dense.models.pretrained import _ARCH_FIELDS, load_pretrained, with_pretrained
     from navit_dense.models.weight_import import navit_from_timm
 
-    torch.manual_seed(0)
-    vit = timm.create_model(name, pretrained=False, **kwargs).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no zero biases / unit norms left to hide a mapping error
-        for p in vit.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    vit, path = timm_weight_file(name, kwargs, tmp_path)
     layout = {f: getattr(navit_from_timm(vit).cfg, f) for f in _ARCH_FIELDS}  # the config a user writes for this file
     dense = dict(name="navit_s16", global_pool="avg", mask_fill="zeros", **layout)
     backbone = instantiate(L(NaViTSimpleFPBackbone)(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool
+from conftest import load_tool, timm_weight_file
 import torch
 from mmengine import Config
 from mmengine.registry import init_default_scope
@@ -96,21 +96,11 @@ def test_pretrained_dinov3_and_naflexvit_files_load_like_model_backbone_init(nam
     tokens, LayerScale) and a NaFlexVit file (embeds.* names, a Linear over channels-last patches;
     given as a dict with load_pretrained's options) fill the backbone with the weights a
     load_pretrained NaViT gets, and its stride-16 level is timm's patch features (a non-square image)."""
-    import timm
-    from safetensors.torch import save_file
-
     from navit_dense.models import build_backbone
     from navit_dense.models.pretrained import _ARCH_FIELDS, load_pretrained
     from navit_dense.models.weight_import import navit_from_timm
 
-    torch.manual_seed(0)
-    vit = timm.create_model(name, pretrained=False, **kwargs).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no zero biases / unit norms left to hide a mapping error
-        for p in vit.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    vit, path = timm_weight_file(name, kwargs, tmp_path)
     layout = {f: getattr(navit_from_timm(vit).cfg, f) for f in _ARCH_FIELDS}  # the config a user writes for this file
     naflex = name.startswith("naflex")
     pretrained = dict(path=str(path), format="timm", patch_layout="channels_last") if naflex else str(path)

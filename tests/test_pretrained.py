@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import load_tool
+from conftest import load_tool, perturbed
 from safetensors.torch import save_file
 
 from navit_dense import pack_images
@@ -35,18 +35,11 @@ SIGLIP_LAYOUT = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio
                      pos_embed_grid=4, pos_embed_mode="bilinear")  # fmt: skip
 
 
-def _perturb(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
-
 
 @pytest.fixture(scope="module")
 def timm_vit():
     torch.manual_seed(0)
-    return _perturb(timm.create_model("vit_base_patch16_224", pretrained=False, **TIMM_SMALL))
+    return perturbed(timm.create_model("vit_base_patch16_224", pretrained=False, **TIMM_SMALL))
 
 
 def dense(**overrides):
@@ -72,7 +65,7 @@ def test_timm_file_gives_timm_features(timm_vit, tmp_path):
 def test_avg_pool_timm_checkpoint_with_fc_norm(tmp_path):
     # MAE / avg-pool layout: no final norm, fc_norm after pooling; the trunk keeps that choice.
     torch.manual_seed(0)
-    vit = _perturb(timm.create_model("vit_base_patch16_224", pretrained=False, global_pool="avg", fc_norm=True, **TIMM_SMALL))
+    vit = perturbed(timm.create_model("vit_base_patch16_224", pretrained=False, global_pool="avg", fc_norm=True, **TIMM_SMALL))
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "mae.safetensors")
     with pytest.raises(ValueError, match="fc_norm: true"):
         load_pretrained(dense(**TIMM_LAYOUT), tmp_path / "mae.safetensors")
@@ -112,7 +105,7 @@ def test_hints_name_final_norm_rope_and_pool_fields_where_the_file_records_them(
     from navit_dense.models.pretrained import _architecture_hint
 
     torch.manual_seed(0)
-    vit = _perturb(timm.create_model("vit_base_patch16_224", pretrained=False, final_norm=False, **TIMM_SMALL))
+    vit = perturbed(timm.create_model("vit_base_patch16_224", pretrained=False, final_norm=False, **TIMM_SMALL))
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, tmp_path / "no_norm.safetensors")
     model = dense(**TIMM_LAYOUT, rope_shift_coords=1.0, map_num_heads=2)
     with pytest.raises(ValueError, match="final_norm: false") as info:
@@ -162,7 +155,7 @@ def test_siglip2_save_pretrained_directory(tmp_path):
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
-    full = _perturb(Siglip2Model(Siglip2Config(text_config=text, vision_config=SIGLIP_SMALL)))
+    full = perturbed(Siglip2Model(Siglip2Config(text_config=text, vision_config=SIGLIP_SMALL)))
     full.save_pretrained(tmp_path / "siglip2")
     net = dense(**SIGLIP_LAYOUT)
     report = load_pretrained(net, tmp_path / "siglip2")

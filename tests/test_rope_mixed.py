@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import navit_dense as nd
 import navit_dense.tasks  # noqa: F401  (registers the tasks load_config needs)
+from conftest import perturbed
 from navit_dense.data import TokenDrop
 from navit_dense.engine.config import load_config, to_object
 from navit_dense.engine.optim import no_weight_decay_names
@@ -35,15 +36,6 @@ def images(sizes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, h, w, generator=g) for h, w in sizes]
 
-
-def _perturb(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random init plus noise on every parameter (zero biases / unit norms / tiny LayerScale
-    cannot hide a mapping error)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
 
 
 def _patch_diffs(ref: nn.Module, net: nn.Module, sizes) -> tuple[float, float]:
@@ -169,7 +161,7 @@ def test_timm_rope_mixed_imports_with_parity(name):
     the _ape_ variant adds an absolute position table that skips the class token): random timm
     model at its own 224 x 224 input, and (dynamic_img_size) non-square images in one batch."""
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model(name, pretrained=False, depth=2))
+    ref = perturbed(timm.create_model(name, pretrained=False, depth=2))
     net = navit_from_timm(ref)
     cfg = net.cfg
     assert (cfg.rope, cfg.rope_grid_indexing, cfg.rope_temperature, cfg.global_pool) == ("mixed", "xy", 10.0, "token")
@@ -178,7 +170,7 @@ def test_timm_rope_mixed_imports_with_parity(name):
     d_feat, d_pool = _patch_diffs(ref, net, [(224, 224)])
     assert d_feat <= TOL and d_pool <= TOL, (d_feat, d_pool)
 
-    dyn = _perturb(timm.create_model(name, pretrained=False, depth=2, dynamic_img_size=True))
+    dyn = perturbed(timm.create_model(name, pretrained=False, depth=2, dynamic_img_size=True))
     net = navit_from_timm(dyn)
     d_feat, d_pool = _patch_diffs(dyn, net, [(160, 224), (224, 96)])
     assert d_feat <= TOL and d_pool <= TOL, (d_feat, d_pool)
@@ -193,7 +185,7 @@ def test_timm_rope_mixed_file_loads_through_model_backbone_init(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, depth=2))
+    ref = perturbed(timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, depth=2))
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "model.safetensors"))
     layout = ["name=navit_s16", "embed_dim=384", "num_heads=6", "depth=2", "class_token=true", "init_values=1.0e-5", "pos_embed=none", "rope=mixed", "conv_stem=[]",
               "rope_temperature=10", "rope_grid_indexing=xy", "global_pool=none", "mask_fill=zeros"]  # fmt: skip
@@ -228,14 +220,14 @@ def test_timm_perception_encoder_imports_with_parity(name, kwargs, size, overrid
     with the class token, pre-norm; spatial / lang: no final norm, LayerScale in lang): random
     timm model, one image at its own input size, plus a non-square image (dynamic_img_size)."""
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model(name, pretrained=False, depth=2, **kwargs))
+    ref = perturbed(timm.create_model(name, pretrained=False, depth=2, **kwargs))
     net = navit_from_timm(ref, **overrides)
     cfg = net.cfg
     assert (cfg.rope, cfg.rope_grid_indexing, cfg.rope_grid_offset, cfg.pre_norm) == ("cat", "xy", 1.0, True)
     assert cfg.final_norm == ("core" in name) and cfg.global_pool == ("none" if "core" in name else "avg")
     d_feat, d_pool = _patch_diffs(ref, net, [(size, size)])
     assert d_feat <= TOL and d_pool <= TOL, (d_feat, d_pool)
-    dyn = _perturb(timm.create_model(name, pretrained=False, depth=2, dynamic_img_size=True, **kwargs))
+    dyn = perturbed(timm.create_model(name, pretrained=False, depth=2, dynamic_img_size=True, **kwargs))
     d_feat, d_pool = _patch_diffs(dyn, navit_from_timm(dyn, **overrides), [(size // 2, size)])
     assert d_feat <= TOL and d_pool <= TOL, (d_feat, d_pool)
 
@@ -245,7 +237,7 @@ def test_perception_encoder_core_trunk_import_leaves_out_the_pool():
     with map_num_heads: tests/test_weight_import.py); global_pool='none' imports the trunk alone
     and leaves out exactly attn_pool.* / head.*."""
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1))
+    ref = perturbed(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=1))
     assert navit_from_timm(ref).cfg.map_num_heads == 8
     net = navit_from_timm(ref, global_pool="none")  # strict: every other source tensor is used
     assert net.attn_pool is None and isinstance(net.head, nn.Identity) and net.cfg.num_classes == 0

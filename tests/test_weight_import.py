@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import perturbed
 from navit_dense import pack_images
 from navit_dense.models.weight_import import (
     config_from_timm,
@@ -25,13 +26,6 @@ from transformers.models.siglip2.image_processing_siglip2 import convert_image_t
 TOL = 1e-4
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, img_size=64)
 
-
-def _perturb(model: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
 
 
 def _pack_exact(images, patch_size: int, num_prefix: int, seq_len: int | None = None):
@@ -88,7 +82,7 @@ TIMM_CASES = [
 @pytest.mark.parametrize("name,kwargs,expect", [c[1:] for c in TIMM_CASES], ids=[c[0] for c in TIMM_CASES])
 def test_timm_equivalence(name, kwargs, expect):
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model(name, pretrained=False, **kwargs))
+    ref = perturbed(timm.create_model(name, pretrained=False, **kwargs))
     ours = navit_from_timm(ref)
     for key, value in expect.items():
         assert getattr(ours.cfg, key) == value, key
@@ -99,7 +93,7 @@ def test_timm_equivalence(name, kwargs, expect):
 
 def test_timm_vit_base_patch16_224():
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("vit_base_patch16_224", pretrained=False))
+    ref = perturbed(timm.create_model("vit_base_patch16_224", pretrained=False))
     ours = navit_from_timm(ref)
     assert (ours.cfg.embed_dim, ours.cfg.depth, ours.cfg.num_heads, ours.cfg.num_classes) == (768, 12, 12, 1000)
     assert ours.cfg.class_token and ours.cfg.global_pool == "token" and ours.cfg.pos_embed_grid == 14
@@ -111,14 +105,14 @@ def test_timm_map_prefix_choice_matters():
     """timm's MAP pool ignores register tokens; attending to them (the NaViT default) is a
     different function, so the imported config must switch it off."""
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("vit_so150m_patch16_reg4_map_256", pretrained=False, **dict(SMALL, embed_dim=56)))
+    ref = perturbed(timm.create_model("vit_so150m_patch16_reg4_map_256", pretrained=False, **dict(SMALL, embed_dim=56)))
     wrong = navit_from_timm(ref, map_include_prefix=True)
     assert _timm_diffs(ref, wrong, [torch.randn(3, 64, 64)])[1] > 1e-3
 
 
 def test_timm_state_dict_path_matches_model_path():
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, **SMALL))
+    ref = perturbed(timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, **SMALL))
     from_model = navit_from_timm(ref)
     # eps, activation and head count are not in the weights: pass them.
     from_sd = navit_from_timm(ref.state_dict(), num_heads=4, norm_eps=1e-5, act="quick_gelu")
@@ -133,7 +127,7 @@ def test_timm_other_resolutions_match_dynamic_img_size():
     (bicubic + antialias), so features still match; several sizes share one packed batch."""
     torch.manual_seed(0)
     ref = timm.create_model("vit_base_patch16_224", pretrained=False, dynamic_img_size=True, reg_tokens=1, **SMALL)
-    ref = _perturb(ref)
+    ref = perturbed(ref)
     ours = navit_from_timm(ref)
     images = [torch.randn(3, 48, 80), torch.randn(3, 112, 96), torch.randn(3, 32, 32)]  # grids 3x5, 7x6, 2x2 vs 4x4
     batch = _pack_exact(images, 16, ours.num_prefix_tokens, seq_len=64)
@@ -210,7 +204,7 @@ def _siglip2_diffs(ref, ours, grids, seq_len):
 @pytest.fixture(scope="module")
 def siglip2():
     torch.manual_seed(0)
-    return _perturb(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_SMALL)))
+    return perturbed(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_SMALL)))
 
 
 def test_siglip2_mixed_aspect_batch(siglip2):
@@ -236,14 +230,14 @@ def test_siglip2_other_resolutions(siglip2):
 def test_siglip2_sources_and_no_head():
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
-    full = _perturb(Siglip2Model(Siglip2Config(text_config=text, vision_config=SIGLIP_SMALL)))
+    full = perturbed(Siglip2Model(Siglip2Config(text_config=text, vision_config=SIGLIP_SMALL)))
     reference = navit_from_siglip2(full.vision_model).state_dict()
     # A full Siglip2Model, and a (state dict with 'vision_model.' + text keys, config) pair.
     for source in (full, (full.state_dict(), full.config)):
         sd = navit_from_siglip2(source).state_dict()
         assert all(torch.equal(sd[k], reference[k]) for k in reference if k != "mask_token")
 
-    headless = _perturb(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_SMALL, vision_use_head=False)))
+    headless = perturbed(Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP_SMALL, vision_use_head=False)))
     ours = navit_from_siglip2(headless)
     assert ours.attn_pool is None
     assert _siglip2_diffs(headless, ours, [(6, 9)], seq_len=64)[1] <= TOL
@@ -360,7 +354,7 @@ def test_perception_encoder_core_attention_pool_imports_with_map_num_heads(tmp_p
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=2))
+    ref = perturbed(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=2))
     net = navit_from_timm(ref)
     assert (net.cfg.num_heads, net.cfg.map_num_heads, net.attn_pool.num_heads, net.cfg.num_classes) == (3, 8, 8, 512)
     image = torch.randn(3, 384, 384)
@@ -368,7 +362,7 @@ def test_perception_encoder_core_attention_pool_imports_with_map_num_heads(tmp_p
     assert max(diffs) <= TOL, diffs
     wrong = navit_from_timm(ref, map_num_heads=3)  # the pool computed with the blocks' heads
     assert _timm_diffs(ref, wrong, [image])[1] > 1e-3
-    dyn = _perturb(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=2, dynamic_img_size=True))
+    dyn = perturbed(timm.create_model("vit_pe_core_tiny_patch16_384", pretrained=False, depth=2, dynamic_img_size=True))
     assert max(_timm_diffs(dyn, navit_from_timm(dyn), [torch.randn(3, 192, 384)])) <= TOL
     with pytest.raises(ValueError, match="map_num_heads=5"):
         NaViT(replace(net.cfg, map_num_heads=5))  # 192 does not split into 5 heads
@@ -412,7 +406,7 @@ def test_timm_naflexvit_file_loads_through_model_backbone_init(pos, tmp_path):
     from navit_dense.models.pretrained import _ARCH_FIELDS, load_pretrained
 
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, pos_embed=pos, **NAFLEX_SMALL))
+    ref = perturbed(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, pos_embed=pos, **NAFLEX_SMALL))
     sd = ref.state_dict()
     assert tuple(sd["embeds.proj.weight"].shape) == (96, 16 * 16 * 3) and ref.embeds.channels_last
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
@@ -451,7 +445,7 @@ def test_naflexvit_patch_layout_is_timms_default_unless_told(tmp_path):
     from navit_dense.models.pretrained import load_pretrained
 
     torch.manual_seed(0)
-    ref = _perturb(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, patchify_channels_last=False, **NAFLEX_SMALL))
+    ref = perturbed(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, patchify_channels_last=False, **NAFLEX_SMALL))
     assert not ref.embeds.channels_last
     assert _patch_token_diff(ref, navit_from_timm(ref), (64, 96)) <= TOL  # a model object states its layout
     with pytest.raises(ValueError, match="flattens patches channels_first"):

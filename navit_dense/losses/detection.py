@@ -35,24 +35,28 @@ def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 
     return pos - neg
 
 
+def _inter_union(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union areas of matched xyxy box pairs, [M] each."""
+    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
+    return inter, area(boxes1) + area(boxes2) - inter
+
+
 def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """1 - GIoU of matched xyxy box pairs, [M]: torchvision's generalized_box_iou_loss
     (reduction "none") with the empty intersection clamped to 0 instead of boolean-mask
     indexing, which would make the host wait for the device on every step."""
-    x1, y1, x2, y2 = boxes1.unbind(-1)
-    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
-    inter = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0) * (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
-    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
-    hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    inter, union = _inter_union(boxes1, boxes2)
+    hull_wh = torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
     return 1 - (inter / (union + eps) - (hull - union) / (hull + eps))
 
 
 def box_iou_pairs(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """IoU of matched xyxy box pairs, [M] (the diagonal of torchvision's box_iou, without the [M, M] matrix)."""
-    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    inter = wh[:, 0] * wh[:, 1]
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    return inter / (area(boxes1) + area(boxes2) - inter + eps)
+    inter, union = _inter_union(boxes1, boxes2)
+    return inter / (union + eps)
 
 
 def varifocal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -374,11 +378,10 @@ class DetectionLoss(nn.Module):
         pred = outputs.pred_boxes[rows]
         pred_xyxy, gt_xyxy = box_convert(pred, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
         score = w * box_iou_pairs(pred_xyxy.detach(), gt_xyxy).clamp(min=0.01) if self.iou_aware else w
-        # Positive (token, class) pairs hold their score; the positive mask keeps an IoU target of
-        # a non-exhaustive class counted.
+        # Positive (token, class) pairs hold their score, > 0 exactly where w > 0 (the IoU is
+        # clamped to >= 0.01), so a soft target of a non-exhaustive class still counts.
         cls_target = torch.zeros_like(logits).index_put_((rows, gt_labels), score, accumulate=True).clamp_(max=1.0)
-        positive = torch.zeros_like(logits).index_put_((rows, gt_labels), w, accumulate=True) > 0
-        weight = counted & ~(not_exh & ~positive)
+        weight = counted & ~(not_exh & (cls_target == 0))
         focal = self._class_loss(logits, cls_target)
         terms = {"loss_cls": (focal * weight).sum() / norm}
         terms["loss_l1"] = (F.l1_loss(pred, gt_boxes, reduction="none").sum(-1) * w).sum() / norm

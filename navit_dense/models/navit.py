@@ -289,7 +289,7 @@ class NaViT(nn.Module):
             )
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.patch_embed(batch.patches.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(batch.patches.to(next(self.patch_embed.parameters()).dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch).to(x.dtype)
         if self.num_prefix_tokens:

@@ -33,10 +33,6 @@ class PatchConvStem(nn.Module):
                                      for a, b in zip(widths[:-1], widths[1:])])  # fmt: skip
         self.proj = nn.Linear(channels[-1] * side * side, dim)
 
-    @property
-    def weight(self) -> torch.Tensor:  # the dtype / device probe the backbone uses for any embedding
-        return self.proj.weight
-
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         lead = patches.shape[:-1]
         x = self.convs(patches.reshape(-1, self.in_chans, self.patch_size, self.patch_size))
