@@ -19,15 +19,25 @@ One process, one set of weights, the same held-out synthetic images, for each ma
     Resize(scale=(R, R), keep_ratio=True), SegDataPreProcessor padding to a multiple of 16.
 
 Same weights: the model is an mmseg model whose backbone is NaViTMMSegBackbone with one level
-(block 3 of 4, stride 16, ``scale_factors=(1.0,)``) and whose decode head is an FCNHead with
-``num_convs=0`` and no dropout, i.e. a 1x1 conv = Segmenter's linear decoder. (a) and (b) run
-the very same NaViT module (``model.backbone.net``) with a LinearDecoder holding the conv's
+(block 3 of 4, stride 16, ``scale_factors=(1.0,)``; gated attention, ``attn_gated``: see below)
+and whose decode head is an FCNHead with ``num_convs=0`` and no dropout, i.e. a 1x1 conv =
+Segmenter's linear decoder. (a) and (b) run the very same NaViT module (``model.backbone.net``) with a LinearDecoder holding the conv's
 weights; the tool checks that both paths give the same logits on a patch-aligned image.
 Weights: ``--checkpoint`` (a Runner checkpoint of this model), or else the model is first
 trained with mmseg's Runner (configs/mmseg/upernet_navit_tiny_synthetic.py with the model
 above; RandomResize around 384 px, flip, photometric) for --train-iters iterations, about a
 minute or two on a CPU. Data: tools/make_synthetic_seg.py (sides 160..640, aspect up to 4:1),
 generated under --work-dir unless --data-root is given; metrics use the validation split.
+``--seed`` seeds training (initialization, data order, augmentations); the data stay fixed.
+A ``--checkpoint`` must be of the model the flags describe (same ``--backbone`` fields).
+
+Why gated attention (``BENCH_BACKBONE``; ``--backbone attn_gated=false`` for the plain model):
+the model trains at native resolution, yet (b)'s zero-canvas tokens help it at test time (plain
+model, --quick, seeds 0 / 1: native minus square mIoU -1.5 to -2.4 / -2.1 to -4.8 over R =
+256..768). The canvas keys are no sink (image queries give them about their share of the keys'
+attention mass); the help grows with the number of canvas tokens appended. With the gate,
+native mIoU rose at every R for both seeds and the gap shrank at every R (seed 0: +0.4 to -0.2;
+seed 1: -1.1 to -3.7), but did not close: square padding can still win on mIoU, at 1.5x the tokens.
 
 Every method starts from the same decoded BGR uint8 arrays (what mmseg's loader yields) and
 ends with an int prediction at the image's original size: images/s covers resizing, normalization,
@@ -87,14 +97,20 @@ def _tool(name: str):
 
 
 # ---- model and weights ---------------------------------------------------------------------
-def bench_config(data_root: Path, work_dir: Path, train_iters: int, backbone_overrides: dict | None = None):
+# The benchmark model's NaViT fields beyond the tiny config: gated attention (NaViTConfig.attn_gated,
+# a sigmoid output gate per channel). --backbone attn_gated=false gives the ungated model.
+BENCH_BACKBONE = {"attn_gated": True}
+
+
+def bench_config(data_root: Path, work_dir: Path, train_iters: int, backbone_overrides: dict | None = None, seed: int = 0):
     """The synthetic mmseg config with the linear-head model described in the docstring
-    (``backbone_overrides``: NaViT config fields for a variant, e.g. reg_tokens)."""
+    (``backbone_overrides``: NaViT config fields for a variant, e.g. reg_tokens; ``seed``:
+    mmengine's training seed: initialization, data order and augmentations)."""
     from mmengine import Config
 
     cfg = Config.fromfile(ROOT / "configs" / "mmseg" / "upernet_navit_tiny_synthetic.py")
     cfg.model.backbone.update(out_indices=(3,), scale_factors=(1.0,))  # one stride-16 level, block 3
-    cfg.model.backbone.update(backbone_overrides or {})
+    cfg.model.backbone.update({**BENCH_BACKBONE, **(backbone_overrides or {})})
     cfg.model.decode_head = dict(
         type="FCNHead", in_channels=128, channels=128, in_index=0, num_convs=0, concat_input=False,
         dropout_ratio=0.0, num_classes=8, norm_cfg=None, align_corners=False,
@@ -111,6 +127,7 @@ def bench_config(data_root: Path, work_dir: Path, train_iters: int, backbone_ove
     cfg.param_scheduler[1].update(begin=max(1, train_iters // 10), end=train_iters)
     cfg.default_hooks.checkpoint.interval = train_iters
     cfg.default_hooks.logger.interval = max(1, train_iters // 6)
+    cfg.randomness = dict(seed=seed)
     cfg.work_dir = str(work_dir)
     return cfg
 
@@ -133,6 +150,13 @@ def load_model(cfg, checkpoint: str | None):
         checkpoint = str(Path(cfg.work_dir) / f"iter_{cfg.train_cfg.max_iters}.pth")
     with trusted_checkpoints():  # our own Runner checkpoint (mmengine 0.10.7 vs torch >= 2.6)
         model = init_model(cfg, checkpoint, device="cpu")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    # mmengine loads non-strictly: a checkpoint of another variant would leave weights random.
+    saved, own = set(saved.get("state_dict", saved)), set(model.state_dict())
+    if saved != own:
+        raise SystemExit(f"--checkpoint {checkpoint} is not this model variant: missing {sorted(own - saved)[:4]}, "
+                         f"unexpected {sorted(saved - own)[:4]}; pass the --backbone fields it was trained with "
+                         f"(the default model has {BENCH_BACKBONE}; e.g. --backbone attn_gated=false)")  # fmt: skip
     info["checkpoint"] = checkpoint
     return model, info
 
@@ -417,6 +441,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", help="ADE20K-format data (default: generated under --work-dir)")
     ap.add_argument("--work-dir", default="runs/benchmark_seg")
     ap.add_argument("--train-iters", type=int, help="training iterations (default 600, --quick 200)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (weights init, data order, augmentations); the data stay fixed")
     ap.add_argument("--num-images", type=int, help="held-out images (default 40, --quick 16)")
     ap.add_argument("--batch", type=int, default=8, help="images per packed forward in (a) and (b)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every method")
@@ -445,7 +470,8 @@ def main(argv=None) -> int:
 
     init_default_scope("mmseg")
     overrides = parse_backbone_overrides(args.backbone)
-    cfg = bench_config(data_root, work / "train", train_iters, overrides)
+    backbone = {**BENCH_BACKBONE, **overrides}
+    cfg = bench_config(data_root, work / "train", train_iters, overrides, seed=args.seed)
     model, train_info = load_model(cfg, args.checkpoint)
     segmenter = native_segmenter(model)
     same_fn_diff = check_same_function(model, segmenter)
@@ -460,8 +486,9 @@ def main(argv=None) -> int:
         "rows": rows,
         "summary": summarize(rows),
         "methods": LABELS,
-        "weights": {**train_info, "model": "NaViT-Ti depth 4, dim 128, 4 heads, P=16, block 3 -> linear (1x1 conv) head",
-                    "backbone_overrides": overrides,
+        "weights": {**train_info, "model": "NaViT-Ti depth 4, dim 128, 4 heads, P=16, block 3 -> linear (1x1 conv) head, "
+                                           f"NaViT fields {backbone} (tool default {BENCH_BACKBONE})",
+                    "backbone": backbone, "backbone_overrides": overrides, "seed": args.seed,
                     "same_function_max_logit_diff": same_fn_diff},  # fmt: skip
         "data": {"root": str(data_root), "held_out_images": len(samples),
                  "image_sizes_hw": [list(s[0].shape[:2]) for s in samples]},  # fmt: skip

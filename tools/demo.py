@@ -5,12 +5,14 @@
    frequent classes (tools/make_synthetic_lvis.py) into OUT/data, unless it is already there
    with the same parameters;
 2. evaluate the untrained tiny NaViT OWL detector with the LVIS protocol;
-3. train it from configs/detection/owl_navit_tiny_synthetic_lvis.yaml with the engine;
-4. evaluate the trained model and print untrained vs trained AP, AP50, APr, APc, APf;
+3. train it from configs/detection/owl_navit_tiny_synthetic_lvis.yaml with the engine: on a
+   CPU one single-threaded process per core (torch.distributed.run + gloo DDP, the global
+   batch split across them), evaluated at the end;
+4. print untrained vs trained AP, AP50, APr, APc, APf;
 5. draw its detections on a few val images (boxes, class names, scores; ground truth dashed)
    into OUT/detections.png; OUT/results.json keeps the numbers and timings.
 
-    python tools/demo.py [--out runs/demo] [--threads N] [--data KEY=VALUE ...] [key=value ...]   # config overrides
+    python tools/demo.py [--out runs/demo] [--procs N] [--data KEY=VALUE ...] [key=value ...]   # config overrides
 
 Each run retrains from scratch in OUT/owl_tiny (the previous run there is replaced).
 """
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +65,21 @@ def make_data(out: Path, params: dict) -> tuple[Path, float]:
     generate(LvisShapesSpec(out=out, **params))
     stamp.write_text(json.dumps(params))
     return out, time.perf_counter() - t0
+
+
+def train_processes(procs: int, run_dir: Path, overrides: list[str]) -> None:
+    """Train the demo config with ``procs`` single-threaded gloo DDP processes (tools/train.py
+    under torch.distributed.run). On a small CPU this beats one process with a thread per core:
+    the Python-side work of a step (loss matching, packing, optimizer bookkeeping) runs on every
+    core at once instead of leaving the other cores idle, and no thread waits on a descheduled
+    sibling when the machine is busy."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           str(ROOT / "tools" / "train.py"), "--config", str(CONFIG), f"output_dir={run_dir}", *overrides]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    print(f"training with {procs} processes: {' '.join(cmd[2:5])} ...", flush=True)
+    done = subprocess.run(cmd, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"training failed (exit code {done.returncode}); its log is in {run_dir}")
 
 
 def table(untrained: dict, trained: dict) -> str:
@@ -136,14 +156,18 @@ def draw_detections(trainer: Trainer, path: Path, num_images: int = 6, score_thr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", default="runs/demo", help="output directory (data, run, results, PNG)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (0: one per core; on an idle 2-core machine 2 threads make a step 1.6x faster than 1)")
+    parser.add_argument("--procs", type=int, default=0,
+                        help="training processes on a CPU (0: one per core, at most 4); each runs one torch thread. 1: train in "
+                             "this process with one thread per core. A GPU always trains in this process")
     parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                         help=f"dataset parameter (LvisShapesSpec field), repeatable; defaults {DATA_PARAMS}")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    procs = 1 if torch.cuda.is_available() else (args.procs or min(cores, 4))
+    if procs < 1:
+        parser.error(f"--procs must be >= 0, got {args.procs}")
+    torch.set_num_threads(cores)
     t_start = time.perf_counter()
     out = Path(args.out)
     params = dict(DATA_PARAMS)
@@ -159,15 +183,27 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     paths = [f"data.{split}_json={data}/lvis_v1_{split}.json" for split in ("train", "val")]
     paths += [f"data.{split}_images={data}/images" for split in ("train", "val")]
-    cfg = load_config(CONFIG, [f"output_dir={run_dir}", *paths, *args.overrides])
-    trainer = Trainer(cfg)
+    overrides = [*paths, *args.overrides]
+    cfg = load_config(CONFIG, [f"output_dir={run_dir}", *overrides])
 
     t0 = time.perf_counter()
-    untrained = trainer.evaluate()
+    with tempfile.TemporaryDirectory() as tmp:  # the untrained model's evaluation is not part of the run
+        scratch = Trainer(load_config(CONFIG, [f"output_dir={tmp}/untrained", *overrides]))
+        untrained = scratch.evaluate()
+        scratch.logger.close()
+        del scratch
     eval_s = time.perf_counter() - t0
     print("untrained: " + "  ".join(f"{k} {100 * untrained[k]:.2f}" for k in TABLE_METRICS), flush=True)
     t0 = time.perf_counter()
-    summary = trainer.fit()  # evaluates at the end (train.eval_every=0)
+    if procs > 1:
+        train_processes(procs, run_dir, overrides)
+        trainer = Trainer(cfg, resume=True)  # the finished run: its last checkpoint and summary
+        summary = trainer.finished_summary
+        if summary is None:
+            raise RuntimeError(f"{run_dir}: training ended without a summary.json")
+    else:
+        trainer = Trainer(cfg)
+        summary = trainer.fit()  # evaluates at the end (train.eval_every=0)
     train_s = time.perf_counter() - t0
     trained = summary["final_metrics"]
 
@@ -176,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t_start
     print()
     print(table(untrained, trained))
-    timings = {"data_s": round(data_s, 1), "untrained_eval_s": round(eval_s, 1), "train_and_eval_s": round(train_s, 1), "total_s": round(total, 1)}
+    timings = {"train_processes": procs, "data_s": round(data_s, 1), "untrained_eval_s": round(eval_s, 1), "train_and_eval_s": round(train_s, 1), "total_s": round(total, 1)}
     (out / "results.json").write_text(json.dumps({"untrained": untrained, "trained": trained, "timings": timings,
                                                   "data": params, "config": str(CONFIG), "overrides": args.overrides,
                                                   "checkpoint": str(run_dir / "checkpoints" / "last")}, indent=1))  # fmt: skip

@@ -2,7 +2,7 @@
 # One command for a bare CUDA machine that has its own Python 3.12 + torch and no package
 # registry: installs what it lacks from local wheels (made beforehand, where the registry is
 # reachable, by tools/fetch_gpu_wheels.sh into third_party/wheels-cp312/), then runs
-#   1. the cuda-marked tests (varlen / flex kernels, autocast, GradScaler, nccl DDP),
+#   1. the cuda-marked tests (varlen / flex kernels, autocast, GradScaler, nccl DDP, uint8 patches),
 #   2. the backbone benchmark on the GPU (packed NaViT vs timm's NaFlexViT, eval and train, fixed
 #      and sampled budgets; bf16 attention kernels chosen automatically),
 #   3. profile_step on the detection demo config (step time split and host round trips at two
@@ -36,7 +36,7 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 status=0
 # ---- 1. cuda-marked tests ----
 log "cuda tests"
-timeout 240 $PY -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" || status=1
+timeout 240 $PY -m pytest -q -m cuda tests/test_cuda.py tests/test_uint8_patches.py -p no:cacheprovider --junitxml "$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" || status=1
 
 # ---- 2. packed NaViT vs timm NaFlexViT on the GPU ----
 log "backbone benchmark"

@@ -18,6 +18,8 @@ wrapper and collate. Then:
   ``.cpu()``, ``bool()`` of a tensor, ``nonzero`` / boolean-mask indexing, ...), counted by
   navit_dense.utils.host_sync; they must not grow with B (reads of torch.optim's per-parameter
   step counters, which stay on the host in GPU runs too, are not round trips and not counted);
+- ``batch_mb``: the packed batch's tensors (what is pinned and copied to the device; 4x
+  smaller patches with ``uint8_patches``, on by default on CUDA, see ``data.uint8_patches``);
 - ``peak_mem_mb``: the step's peak (CUDA: max_memory_allocated; CPU: tensor bytes from the
   profiler, see navit_dense.utils.benchmark.peak_memory).
 
@@ -157,6 +159,8 @@ def profile(config: str, overrides: list[str], batches: list[int], repeats: int)
             rows.append({
                 "batch_images": m.batch.num_images,
                 "tokens": m.batch.layout.num_tokens,
+                "uint8_patches": m.batch.pixel_norm is not None,  # data.uint8_patches (auto: on with CUDA)
+                "batch_mb": round(sum(m.batch.tensor_bytes().values()) / 2**20, 3),  # what the host-to-device copy moves
                 "stages_s": {k: round(v, 5) for k, v in stages.items()},
                 "step_s": round(statistics.median(step_times[1:]), 5),
                 "host_syncs": syncs.total,

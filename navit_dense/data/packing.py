@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packed_batch import PackedBatch, PackedLayout
+from .packed_batch import PackedBatch, PackedLayout, PixelNorm
 from .patchify import patchify
 from .resize import budget_grid, resize_to_grid
 from .token_drop import TokenDrop
@@ -189,15 +189,44 @@ def _balanced_search(lengths, capacity, decreasing, max_images, multiple) -> lis
     return best
 
 
-def _as_image(image: torch.Tensor, index: int) -> torch.Tensor:
+_FLOAT_PIXEL_SLACK = 0.25 / 255
+
+
+def to_uint8_pixels(image: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
+    """Float pixels in [0, max_value] -> uint8 [0, 255], rounded to the nearest level (exact
+    for decoded 8-bit images, flipped or cropped; packing calls it after the budget resize)."""
+    return image.mul(255.0 / max_value).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _as_image(image: torch.Tensor, index: int, pixel_norm: PixelNorm | None = None) -> torch.Tensor:
     if not torch.is_tensor(image):
-        raise TypeError(f"images[{index}]: expected a float CHW torch.Tensor, got {type(image).__name__}")
+        raise TypeError(f"images[{index}]: expected a CHW torch.Tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"images[{index}]: expected a 3-channel CHW tensor, got shape {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise TypeError(f"images[{index}]: expected a floating-point tensor, got {image.dtype} (convert and normalize first)")
     if image.shape[1] == 0 or image.shape[2] == 0:
         raise ValueError(f"images[{index}]: zero-size image {tuple(image.shape)}")
+    if pixel_norm is not None:
+        if pixel_norm.num_channels != image.shape[0]:
+            raise ValueError(f"pixel_norm has {pixel_norm.num_channels} channel(s) but images[{index}] has {image.shape[0]}")
+        if image.dtype == torch.uint8:
+            return image
+        if not image.is_floating_point():
+            raise TypeError(f"images[{index}]: pixel_norm packs uint8 images in [0, 255] or float ones in [0, 1], got {image.dtype}")
+        # NaN propagates and fails the range test. The slack admits float rounding of earlier
+        # interpolations (a quarter of one 8-bit level; rounding to uint8 clamps it away).
+        lo, hi = (float(v) for v in torch.aminmax(image))
+        if not (-_FLOAT_PIXEL_SLACK <= lo and hi <= 1.0 + _FLOAT_PIXEL_SLACK):
+            raise ValueError(
+                f"images[{index}]: pixel values span [{lo:.4g}, {hi:.4g}], but pixel_norm packs un-normalized pixels: float "
+                f"in [0, 1] or uint8 in [0, 255] (torchvision's convention). Pass images before normalization (the model "
+                f"normalizes them on the device), or drop pixel_norm"
+            )
+        return image
+    if not image.is_floating_point():
+        raise TypeError(
+            f"images[{index}]: expected a floating-point tensor, got {image.dtype} (normalize first, or pass pixel_norm to pack "
+            f"un-normalized pixels as uint8 patches, normalized on the device)"
+        )
     # One reduction instead of a full-size boolean mask: a NaN or inf anywhere makes the sum
     # non-finite; only then (or on overflow of huge finite values) is the exact test needed.
     if not bool(torch.isfinite(image.sum())) and not bool(torch.isfinite(image).all()):
@@ -222,10 +251,13 @@ def pack_images(
     seed: int | Sequence[int] = 0,
     allow_upscale: bool = True,
     fit_to_seq_len: bool = False,
+    pixel_norm: PixelNorm | None = None,
 ) -> PackedBatch:
     """Resize each image to its token budget, patchify it, and pack everything into sequences.
 
-    images: float CHW tensors of any height/width (3 channels, finite values).
+    images: float CHW tensors of any height/width (3 channels, finite values), normalized as
+        the model expects; with ``pixel_norm``, un-normalized pixels: float in [0, 1] (as
+        decoded) or uint8.
     max_tokens_per_image: patch budget per image (``max_tokens`` gives one per image, e.g.
         from resolution sampling); ``max_side`` additionally caps the longer side in pixels.
     seq_len: capacity of one sequence. Unless ``fixed_seq_len`` the returned sequence length is
@@ -235,6 +267,13 @@ def pack_images(
         drop pattern does not depend on which other images share its batch (DDP, resumes).
         Packing itself is deterministic.
     fit_to_seq_len: shrink images whose budget exceeds one sequence instead of raising.
+    pixel_norm: store uint8 patches (rounded after the resize; 0 at padding) and record this
+        normalization in the batch; ``batch.pixel_values()`` applies it where the batch lives.
+        The host-to-device copy of the patches shrinks 4x, and the datasets skip their
+        normalization pass. The model input differs from packing the normalized images by the
+        rounding only, at most 0.5 / (255 * std): the budget resize (antialiased bilinear, a
+        convex combination) commutes with the per-channel affine normalization. None when 8-bit
+        pixels are not resized.
     """
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
@@ -255,7 +294,7 @@ def pack_images(
         rngs = [np.random.default_rng(int(s)) for s in seed]
     grids, sizes, tokens, kept_idx, rates = [], [], [], [], []
     for i, raw in enumerate(images):
-        image = _as_image(raw, i)
+        image = _as_image(raw, i, pixel_norm)
         H, W = int(image.shape[1]), int(image.shape[2])
         if min(H, W) < patch_size:
             raise ValueError(f"images[{i}]: {H}x{W} is smaller than one {patch_size}x{patch_size} patch")
@@ -268,7 +307,14 @@ def pack_images(
                 )
             budget = capacity_for_patches
         grid = budget_grid(H, W, patch_size, budget, max_side=max_side, allow_upscale=allow_upscale)
-        patches = patchify(resize_to_grid(image, grid, patch_size), patch_size)
+        resized = image
+        if pixel_norm is None:
+            resized = resize_to_grid(image, grid, patch_size)
+        elif image.dtype != torch.uint8:  # rounded after the resize: only the resized image is converted
+            resized = to_uint8_pixels(resize_to_grid(image, grid, patch_size))
+        elif tuple(image.shape[-2:]) != (grid[0] * patch_size, grid[1] * patch_size):  # resized in float: see the bound below
+            resized = to_uint8_pixels(resize_to_grid(image.float(), grid, patch_size), max_value=255.0)
+        patches = patchify(resized, patch_size)
         n = grid[0] * grid[1]
         if token_drop is not None:
             rate, keep = token_drop.sample_keep(rngs[i], n)
@@ -286,7 +332,7 @@ def pack_images(
     bins = pack_lengths(run_lengths, seq_len, algorithm, max_images_per_seq, shrink_multiple=None if fixed_seq_len else pad_multiple)
     longest = max(sum(run_lengths[i] for i in b) for b in bins)
     L = seq_len if fixed_seq_len else min(seq_len, -(-longest // pad_multiple) * pad_multiple)
-    return _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix_tokens, images[0])
+    return _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix_tokens, images[0], pixel_norm)
 
 
 def pack_native(
@@ -296,7 +342,9 @@ def pack_native(
     multiple and keeps its own grid (never resampled), so patch (r, c) covers pixels
     [P*r, P*(r+1)) x [P*c, P*(c+1)) and features stay aligned with image coordinates.
     For frameworks that already resized their inputs (detectron2, mmseg). ``seq_len`` is raised
-    to fit the largest image."""
+    to fit the largest image. Those frameworks also normalize (and pad) their inputs on the
+    device themselves, so their float tensors take the float path; ``pixel_norm`` in
+    ``pack_kwargs`` packs un-normalized pixels as uint8 patches (zero-padded) instead."""
     padded = [F.pad(im, (0, -im.shape[-1] % patch_size, 0, -im.shape[-2] % patch_size)) for im in images]
     grids = [(im.shape[-2] // patch_size, im.shape[-1] // patch_size) for im in padded]
     budgets = [h * w for h, w in grids]
@@ -309,14 +357,15 @@ def pack_native(
     return batch
 
 
-def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like) -> PackedBatch:
+def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_prefix, like, pixel_norm=None) -> PackedBatch:
     """Write the packed tensors and the host-side layout of images already resized, patchified
-    and binned. tokens[i]: [num_kept_i, C*P*P]; kept_idx[i]: sorted kept grid indices."""
+    and binned. tokens[i]: [num_kept_i, C*P*P] (float, or uint8 with pixel_norm); kept_idx[i]:
+    sorted kept grid indices."""
     S, N = len(bins), len(tokens)
     dim = tokens[0].shape[1]
     # Not torch.zeros: only prefix slots and the tail are zeroed below, the rest is overwritten
     # (zero-filling the whole [S, L, C*P*P] buffer cost as much as the copy itself).
-    patches = torch.empty(S, L, dim, dtype=like.dtype, device=like.device)
+    patches = torch.empty(S, L, dim, dtype=tokens[0].dtype, device=like.device)
     segment_ids = torch.full((S, L), -1, dtype=torch.long)
     positions = torch.zeros(S, L, 2, dtype=torch.long)
     frac_positions = torch.zeros(S, L, 2, dtype=torch.float32)
@@ -375,6 +424,7 @@ def _assemble(tokens, kept_idx, grids, sizes, rates, bins, L, patch_size, num_pr
         layout=layout,
         patch_size=patch_size,
         num_prefix_tokens=num_prefix,
+        pixel_norm=pixel_norm,
     )
     # Pixels stay on the images' device (no host round trip on GPU); the index tensors follow.
     return batch.to(like.device) if like.device.type != "cpu" else batch

@@ -327,10 +327,13 @@ class SegTaskDataset:
     """A segmentation dataset as the engine wants it: ``image_size`` from file headers,
     augmented (train) and normalized samples ``{"image", "label", "index", "train",
     "budget_scale"}``. Bad inputs raise DataError: the engine skips (and counts) them in
-    training and stops an evaluation, so metrics always cover the whole split."""
+    training and stops an evaluation, so metrics always cover the whole split.
+    ``normalize=False``: hand the images in [0, 1] as decoded and augmented (packed as uint8
+    patches, normalized by the model on the device with mean / std)."""
 
-    def __init__(self, base: SegFolderDataset, mean: Sequence[float], std: Sequence[float], augment: Callable | None = None):
-        self.base, self.augment, self.train = base, augment, augment is not None
+    def __init__(self, base: SegFolderDataset, mean: Sequence[float], std: Sequence[float], augment: Callable | None = None,
+                 normalize: bool = True):  # fmt: skip
+        self.base, self.augment, self.train, self.normalize = base, augment, augment is not None, normalize
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self._sizes: dict[int, tuple[int, int]] = {}
@@ -356,7 +359,8 @@ class SegTaskDataset:
         item = {"image": item["image"], "label": item["label"], "index": index, "train": self.train, "budget_scale": 1.0}
         if self.augment is not None:  # global RNG: the engine seeds it per (seed, epoch, index)
             item = self.augment(item, np.random.default_rng(int(torch.randint(0, 2**62, ()))))
-        item["image"] = (item["image"] - self.mean) / self.std
+        if self.normalize:
+            item["image"] = (item["image"] - self.mean) / self.std
         return item
 
     def unnormalized(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

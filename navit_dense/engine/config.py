@@ -129,8 +129,13 @@ class DataConfig:
     tokens_per_batch: int = 4096  # GLOBAL tokens per micro-batch, summed over all ranks
     eval_tokens_per_batch: int = 0  # 0: same as tokens_per_batch
     packing: str = "balanced"  # see navit_dense.data.PACKING_ALGORITHMS
+    max_images_per_seq: int = 0  # 0: no limit; 1: packing off (each image its own sequence, padded to the longest)
     max_side: Optional[int] = None  # cap on the longer side in pixels when packing (the resolution sweeps set it)
     num_workers: int = 0
+    # Pack un-normalized pixels as uint8 patches, normalized on the device by the model (4x
+    # fewer bytes to pin and copy; tasks that support it: detection, segmentation).
+    # null (auto): on when the run's device is CUDA.
+    uint8_patches: Optional[bool] = None
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
     resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
 

@@ -166,6 +166,7 @@ def build_loader(task: Task, dataset, cfg, *, patch_size: int, num_prefix_tokens
         seq_len=d.seq_len,
         num_prefix_tokens=num_prefix_tokens,
         algorithm=d.packing,
+        max_images_per_seq=d.max_images_per_seq or None,
         token_drop=token_drop,
         max_side=d.max_side,
         train=train,

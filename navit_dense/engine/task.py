@@ -15,6 +15,12 @@ A task (classification, detection, segmentation, ...) declares the dataclasses o
   loss of the whole global batch, so gradient accumulation and DDP match one big batch.
   Every entry is summed that way for logging;
 - ``build_evaluator()``: an :class:`Evaluator`.
+
+A task whose datasets can hand un-normalized pixels to its collate sets
+``supports_uint8_patches`` and, when ``self.pixel_norm`` is set (``data.uint8_patches``,
+resolved at construction), builds datasets that skip their normalization and packs with
+``replace(plan, pixel_norm=self.pixel_norm)``: uint8 patches, normalized by the model on the
+device.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import torch
 import torch.nn as nn
 
 from ..data import PackedBatch, TokenDrop, pack_images
+from ..data.packed_batch import PixelNorm
 from ..models import NaViT, build_backbone
 from ..models.pretrained import load_pretrained
-from .config import DataConfig, ModelConfig
+from .config import ConfigError, DataConfig, ModelConfig
 from .registry import get_task, register_task, task_names
 
 __all__ = ["Evaluator", "LossContext", "PackPlan", "SmallImageError", "Task", "TaskDataset", "get_task", "register_task", "task_names"]
@@ -87,6 +94,8 @@ class PackPlan:
     token_drop: TokenDrop | None  # None at evaluation
     max_side: int | None = None  # cap on the longer side in pixels (data.max_side)
     train: bool = False  # a training batch (augmented, token-dropped) or an evaluation one
+    max_images_per_seq: int | None = None  # data.max_images_per_seq (None: no limit; 1: no packing)
+    pixel_norm: PixelNorm | None = None  # set: the images are un-normalized (float [0, 1] or uint8), packed as uint8 patches
 
     def pack(self, images: Sequence[torch.Tensor]) -> PackedBatch:
         """Raises SmallImageError for an image smaller than one patch (the engine skips that
@@ -104,6 +113,8 @@ class PackPlan:
             token_drop=self.token_drop,
             seed=self.seed,
             max_side=self.max_side,
+            max_images_per_seq=self.max_images_per_seq,
+            pixel_norm=self.pixel_norm,
         )
 
 
@@ -117,6 +128,7 @@ class Task(ABC):
     name: ClassVar[str] = ""
     ModelConfig: ClassVar[type] = ModelConfig
     DataConfig: ClassVar[type] = DataConfig
+    supports_uint8_patches: ClassVar[bool] = False  # see the module docstring
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -124,6 +136,24 @@ class Task(ABC):
         # checkpoint, whose weights replace it anyway); its report is logged by the trainer.
         self.load_pretrained = True
         self.pretrained_report: dict | None = None
+        # Resolved here, in the main process, so that datasets and the collate (in the data
+        # workers) agree; None: normalized float patches.
+        self.pixel_norm: PixelNorm | None = None
+        if self.uint8_patches():  # a supporting task's data config has mean and std
+            try:
+                self.pixel_norm = PixelNorm(cfg.data.mean, cfg.data.std)
+            except ValueError as e:
+                raise ConfigError(f"data.mean / data.std: {e}") from None
+
+    def uint8_patches(self) -> bool:
+        """``data.uint8_patches`` resolved: null (auto) is on for a supporting task on a CUDA run."""
+        value = self.cfg.data.uint8_patches
+        if value is None:
+            device = self.cfg.train.device
+            return self.supports_uint8_patches and (device == "cuda" or (device == "auto" and torch.cuda.is_available()))
+        if value and not self.supports_uint8_patches:
+            raise ConfigError(f"data.uint8_patches=true: task {self.name!r} packs normalized float patches only; set it to false or null")
+        return value
 
     def build_backbone(self, **defaults) -> NaViT:
         """The configured NaViT: ``defaults`` (task choices such as global_pool) under the

@@ -10,6 +10,7 @@ of the same global-batch loss as one process would.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -115,6 +116,8 @@ def check_config(c, env: DistEnv) -> None:
         raise ConfigError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     if d.packing not in PACKING_ALGORITHMS:
         raise ConfigError(f"data.packing must be one of {PACKING_ALGORITHMS}, got {d.packing!r}")
+    if d.max_images_per_seq < 0:
+        raise ConfigError(f"data.max_images_per_seq must be >= 0 (0: no limit, 1: no packing), got {d.max_images_per_seq}")
     for key in ("max_tokens_per_image", "seq_len", "tokens_per_batch"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be >= 1, got {getattr(d, key)}")
@@ -140,6 +143,9 @@ def _rng_unchanged():
         yield
     finally:
         ckpt.set_rng_state(state)
+
+
+_DDP_ARGS = frozenset(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
 @torch.no_grad()
@@ -206,7 +212,9 @@ class Trainer:
             # No buffer broadcast in forward (the models' buffers are constants): a forward must
             # hold no collective, since in a step with an empty micro-batch ranks run different
             # numbers of forwards (see _step).
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters, broadcast_buffers=False)
+            # (torch >= 2.14 names it forward_sync_buffers and warns about broadcast_buffers.)
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=c.train.find_unused_parameters, **no_sync)
         self.train_model = self.ddp or self.model
         self.ema = build_ema(self.model, c.train.ema_decay) if c.train.ema_decay > 0 else None
         self.state = TrainState()

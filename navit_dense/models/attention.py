@@ -1,8 +1,9 @@
 """Attention kernels over packed sequences: a token attends only to tokens of its own image.
 
 Kernels (all take q, k, v as [S, H, L, Dh] and return [S, L, H, Dh], zeros at padding):
-- ``segment``: one scaled_dot_product_attention call per image run (views, no mask). Works
-  on every device and in training; the CPU default.
+- ``segment``: one scaled_dot_product_attention call per image run, or per block of adjacent
+  runs of one length (views, no mask, no copies but one cat of the outputs). Works on every
+  device and in training; the CPU default.
 - ``flex``: FlexAttention with a document mask (block-sparse); CUDA default when available.
 - ``varlen``: flash varlen attention over the unpadded token stream via cu_seqlens (CUDA).
 - ``dense``: SDPA with an explicit [S, 1, L, L] block-diagonal mask. Reference for tests only.
@@ -228,8 +229,11 @@ def _prefix_queries(lay: PackedLayout) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def _windowed_attention(q, k, v, ctx: AttentionContext, window_size: int, dtype: torch.dtype) -> torch.Tensor:
     wctx, win = ctx.windows(window_size)
     S, H, L, Dh = q.shape
-    index = win.gather.expand(S, H, -1, Dh)
-    out = _KERNEL_FNS[wctx.resolve(dtype)](q.gather(2, index), k.gather(2, index), v.gather(2, index), wctx)
+    # Gathered token-major ([S, Lw, H, Dh] memory, as the projection lays q / k / v out), so the
+    # segment kernel reads the windows as views.
+    index = win.gather.view(S, -1, 1, 1).expand(-1, -1, H, Dh)
+    windows = (t.transpose(1, 2).gather(1, index).transpose(1, 2) for t in (q, k, v))
+    out = _KERNEL_FNS[wctx.resolve(dtype)](*windows, wctx)
     out = out.gather(1, win.scatter.expand(S, L, H, Dh))  # [S, L, H, Dh]; prefix and padding slots 0
     if not win.runs.layout.num_prefix_tokens:
         return out
@@ -248,39 +252,50 @@ def attention_pairs(batch: PackedBatch, window_size: int = 0) -> int:
 
 
 def _segment_attention(q, k, v, ctx: AttentionContext) -> torch.Tensor:
-    # Each tensor is unbound into sequences and each sequence split into its runs ONCE, so
-    # autograd accumulates one stack / cat per sequence: O(tokens) backward, not a full-size
-    # zero-filled gradient per image view (per-image slicing made ~30% of a training step).
+    # One SDPA call per group of equally long, adjacent runs (packers place equal lengths side
+    # by side: at a fixed budget most images share a few lengths), on views: q, k and v are read
+    # token-major ([S * L, H, Dh]: a view of the qkv projection's output as the blocks pass it; a
+    # copy only for separate [S > 1, H, L, Dh] tensors) and split ONCE into the pieces of every
+    # sequence, so autograd joins each gradient with one cat (O(tokens), not a zero-filled
+    # full-size gradient per image). The outputs come in SDPA's own [tokens, H, Dh] memory order
+    # (CPU and flash kernels) and are joined by ONE cat: a contiguous [S, L, H, Dh], so the
+    # block's reshape to [S, L, D] is free and the backward gets its gradient in that order too.
     S, H, L, Dh = q.shape
     lay = ctx.batch.layout
-    pieces = lay.derived("segment_pieces", lambda: _sequence_pieces(lay))
+    sizes, counts = lay.derived("segment_groups", lambda: _sequence_pieces(lay))
+    qs, ks, vs = (t.transpose(1, 2).reshape(S * L, H, Dh).split(sizes) for t in (q, k, v))
     out = []
-    for (sizes, is_run), qs, ks, vs in zip(pieces, q.unbind(0), k.unbind(0), v.unbind(0)):
-        parts = []
-        for keep, qp, kp, vp in zip(is_run, qs.split(sizes, 1), ks.split(sizes, 1), vs.split(sizes, 1)):
-            parts.append(F.scaled_dot_product_attention(qp, kp, vp) if keep else torch.zeros_like(qp))
-        out.append(torch.cat(parts, 1) if len(parts) > 1 else parts[0])
-    return torch.stack(out).transpose(1, 2)
+    for count, qp, kp, vp in zip(counts, qs, ks, vs):
+        if not count:  # padding: zeros, so padding slots stay well-defined through proj and residuals
+            out.append(qp.new_zeros(qp.shape))
+            continue
+        n = qp.shape[0] // count
+        o = F.scaled_dot_product_attention(*(t.unflatten(0, (count, n)).transpose(1, 2) for t in (qp, kp, vp)))
+        out.append(o.transpose(1, 2).reshape(count * n, H, Dh))
+    return (out[0] if len(out) == 1 else torch.cat(out)).view(S, L, H, Dh)
 
 
-def _sequence_pieces(layout) -> list[tuple[list[int], list[bool]]]:
-    """Per sequence: the lengths of its consecutive pieces (image runs and padding gaps) and
-    whether each is a run."""
-    pieces = []
+def _sequence_pieces(layout) -> tuple[list[int], list[int]]:
+    """The consecutive pieces of the flattened [S * L] slots: their lengths and how many image
+    runs each holds (m >= 1: m adjacent runs of one length in one sequence; 0: padding)."""
+    sizes, counts = [], []
     for runs in layout.runs_by_sequence:
-        sizes, is_run, cursor = [], [], 0
+        cursor, first = 0, len(sizes)
         for start, length in runs:
             if start > cursor:
                 sizes.append(start - cursor)
-                is_run.append(False)
-            sizes.append(length)
-            is_run.append(True)
+                counts.append(0)
+            if len(sizes) > first and counts[-1] and start == cursor and sizes[-1] == counts[-1] * length:
+                sizes[-1] += length
+                counts[-1] += 1
+            else:
+                sizes.append(length)
+                counts.append(1)
             cursor = start + length
         if cursor < layout.seq_len:
             sizes.append(layout.seq_len - cursor)
-            is_run.append(False)
-        pieces.append((sizes, is_run))
-    return pieces
+            counts.append(0)
+    return sizes, counts
 
 
 def dense_block_mask(batch: PackedBatch) -> torch.Tensor:

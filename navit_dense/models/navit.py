@@ -34,6 +34,10 @@ class NaViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     qk_norm: bool = False
+    # Sigmoid output gate on attention, per channel, from the block input (timm NaFlexVit
+    # ``attn_gated`` / Attention(gated=True), Qwen gated attention): a query can scale its
+    # attention output towards zero instead of needing sink tokens (padding canvas, registers).
+    attn_gated: bool = False
     init_values: float | None = None  # LayerScale init; None disables it
     act: str = "gelu"  # gelu | gelu_tanh | quick_gelu
     mlp_type: str = "mlp"  # mlp (fc1, act, fc2) | glu (SiLU-gated: EVA02's GluMlp, fc1 twice as wide)
@@ -129,13 +133,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.gate = nn.Linear(dim, dim, bias=cfg.qkv_bias) if cfg.attn_gated else None  # timm Attention(gated=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, rope: torch.Tensor | None = None) -> torch.Tensor:
         """rope: this block's own rotary embedding [S, H, L, 2 * Dh] (mixed RoPE, interleaved
         channels), else the one of ctx shared by all blocks."""
         S, L, D = x.shape
-        q, k, v = self.qkv(x).view(S, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # [S, H, L, Dh] views of the projection: unbind(2) (not permute + unbind(0)) lets autograd
+        # stack the q / k / v gradients straight into its [S, L, 3, H, Dh] layout, one copy not two.
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(S, L, 3, self.num_heads, self.head_dim).unbind(2))
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rot_embed_cat(q, rope), apply_rot_embed_cat(k, rope)
@@ -144,7 +151,10 @@ class Attention(nn.Module):
         # Under autocast LayerNorm (qk_norm) and the rotation return fp32 while v keeps the
         # autocast dtype: one dtype for every kernel (FlexAttention's backward refuses mixed ones).
         out = packed_attention(q.to(v.dtype), k.to(v.dtype), v, ctx, window_size=self.window_size)
-        return self.proj(out.reshape(S, L, D))
+        out = out.reshape(S, L, D)
+        if self.gate is not None:  # per token and channel: padding slots stay zero (out is zero there)
+            out = out * self.gate(x).sigmoid()
+        return self.proj(out)
 
 
 class Block(nn.Module):
@@ -289,7 +299,7 @@ class NaViT(nn.Module):
             )
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.patch_embed(batch.patches.to(next(self.patch_embed.parameters()).dtype))
+        x = self.patch_embed(batch.pixel_values(next(self.patch_embed.parameters()).dtype))  # uint8 patches: normalized here
         if self.pos_embed is not None:
             x = x + self.pos_embed(batch).to(x.dtype)
         if self.num_prefix_tokens:

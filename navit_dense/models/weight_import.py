@@ -101,7 +101,6 @@ _TIMM_KEY_HINTS = {
     "w12": "SwiGLU MLP",
     "mlp.norm": "MLP inner norm (scale_mlp_norm)",
     "attn.norm": "attention inner norm (scale_attn_norm)",
-    "attn.gate": "gated attention",
     "patch_embed.norm": "patch-embedding norm (embed_norm_layer)",
     "embeds.norm": "NaFlex embedding norm (embed_norm_layer / input_norm_layer)",
     "dist_token": "distillation token (DeiT distilled)",
@@ -123,6 +122,19 @@ def _timm_act(act: nn.Module) -> str | None:
 
 def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
+
+
+def _attn_gated(blocks: nn.ModuleList, problems: list[str]) -> bool:
+    """Whether every block has timm's attention output gate (``gated`` / ``attn_gated``: NaViT's
+    attn_gated, the same Linear named ``attn.gate``, its bias present iff the qkv bias is)."""
+    attns = [getattr(b, "attn", None) for b in blocks]  # other block types are reported by the caller
+    gates = [getattr(a, "gate", None) for a in attns]
+    if any(g is None for g in gates) and any(g is not None for g in gates):
+        problems.append("gated attention in some blocks only")
+    qkv_bias = [getattr(getattr(a, "qkv", None), "bias", None) is not None or getattr(a, "q_bias", None) is not None for a in attns]
+    if any(g is not None and (g.bias is not None) != q for g, q in zip(gates, qkv_bias)):
+        problems.append("an attention gate whose bias differs from the qkv bias")
+    return gates[0] is not None
 
 
 def _timm_trunk_fields(model: nn.Module, mlp_hidden: int, patch_size: int, in_chans: int) -> dict[str, Any]:
@@ -154,8 +166,6 @@ def _eva_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
             problems.append("separate q / k / v projections (qkv_fused=False)")
         if not _is_identity(a.norm):
             problems.append("attention inner norm (scale_attn_inner)")
-        if getattr(a, "gate", None) is not None:
-            problems.append("gated attention")
         if not (_is_identity(a.q_norm) and _is_identity(a.k_norm)):
             problems.append("qk norm inside Eva attention")
         if getattr(a, "num_kv_heads", a.num_heads) != a.num_heads:
@@ -213,6 +223,7 @@ def _eva_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
     reg = model.reg_token.shape[1] if getattr(model, "reg_token", None) is not None else 0
     grid = pe.grid_size
     pos = model.pos_embed
+    gated = _attn_gated(model.blocks, problems)
     if pos is not None and grid[0] != grid[1]:
         problems.append(f"non-square position grid {tuple(grid)}")
     if problems:
@@ -223,6 +234,7 @@ def _eva_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
         **_timm_trunk_fields(model, blk.mlp.fc1.out_features // (2 if is_glu else 1), pe.patch_size[0], pe.proj.in_channels),
         mlp_type="glu" if is_glu else "mlp",
         qkv_bias=blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None,
+        attn_gated=gated,
         init_values=1.0 if blk.gamma_1 is not None else None,  # value is overwritten by the weights
         act=act,
         norm_eps=norms[0].eps if norms else 1e-6,
@@ -250,9 +262,11 @@ def _eva_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
 def _naflex_model_fields(model: nn.Module) -> dict[str, Any]:
     """Architecture of a timm NaFlexVit: a linear patch embedding (channels-last patches are
     permuted on import), a learned position grid resized per image (or a factorized one, read
-    at fractional coordinates as NaFlex resizes it), plain ViT blocks."""
+    at fractional coordinates as NaFlex resizes it), plain ViT blocks, or the Eva blocks NaFlexVit
+    builds for gated attention (``attn_gated``, without RoPE: Eva's q / v bias, gamma LayerScale)."""
     from timm.layers import Mlp
     from timm.layers.attention import Attention
+    from timm.models.eva import EvaAttention, EvaBlock
     from timm.models.vision_transformer import Block
 
     problems: list[str] = []
@@ -262,11 +276,16 @@ def _naflex_model_fields(model: nn.Module) -> dict[str, Any]:
     if e.pos_embed_type not in ("learned", "factorized") or e.pos_embed_ar_preserving or e.pos_embed_use_grid_sample:
         problems.append(f"position embedding {e.pos_embed_type!r} (ar_preserving / grid_sample variants)")
     for i, b in enumerate(model.blocks):
-        if type(b) is not Block or type(b.attn) is not Attention or type(b.mlp) is not Mlp:
-            problems.append(f"blocks.{i}: {type(b).__name__} / {type(b.attn).__name__} / {type(b.mlp).__name__} (supported: ViT Block, Attention, Mlp)")
+        eva = type(b) is EvaBlock and type(b.attn) is EvaAttention and b.attn.qkv is not None
+        if not (eva or type(b) is Block and type(b.attn) is Attention) or type(b.mlp) is not Mlp:
+            problems.append(f"blocks.{i}: {type(b).__name__} / {type(b.attn).__name__} / {type(b.mlp).__name__} "
+                            "(supported: ViT Block, Attention, Mlp; EvaBlock, fused-qkv EvaAttention without RoPE)")  # fmt: skip
             break
-        if not (_is_identity(b.attn.norm) and _is_identity(b.mlp.norm)) or getattr(b.attn, "gate", None) is not None:
-            problems.append("attention / MLP inner norms or gated attention")
+        if not (_is_identity(b.attn.norm) and _is_identity(b.mlp.norm)):
+            problems.append("attention / MLP inner norms")
+        if eva and (b.gamma_1 is None) != (b.gamma_2 is None):
+            problems.append("LayerScale on the attention branch only")
+    gated = _attn_gated(model.blocks, problems)
     pool = model.global_pool
     if pool not in ("token", "avg", "map", ""):
         problems.append(f"global_pool={pool!r}")
@@ -282,9 +301,11 @@ def _naflex_model_fields(model: nn.Module) -> dict[str, Any]:
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     return dict(
         **_timm_trunk_fields(model, blk.mlp.fc1.out_features, e.patch_size[0], e.in_chans),
-        qkv_bias=blk.attn.qkv.bias is not None,
+        qkv_bias=blk.attn.qkv.bias is not None or getattr(blk.attn, "q_bias", None) is not None,
         qk_norm=not _is_identity(blk.attn.q_norm),
-        init_values=1.0 if not _is_identity(blk.ls1) else None,  # value is overwritten by the weights
+        attn_gated=gated,
+        # value is overwritten by the weights
+        init_values=1.0 if not _is_identity(getattr(blk, "ls1", None)) or getattr(blk, "gamma_1", None) is not None else None,
         act=_timm_act(blk.mlp.act),
         norm_eps=norms[0].eps if norms else 1e-6,
         pre_norm=not _is_identity(model.norm_pre),
@@ -437,8 +458,6 @@ def _timm_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
             break
         if not _is_identity(b.attn.norm):
             problems.append("attention inner norm (scale_attn_norm)")
-        if getattr(b.attn, "gate", None) is not None:
-            problems.append("gated attention")
         if b.attn.head_dim * b.attn.num_heads != D:
             problems.append(f"attention head dim {b.attn.head_dim} x {b.attn.num_heads} heads != embed_dim {D}")
         if type(b.mlp) is not Mlp or not isinstance(b.mlp.fc1, nn.Linear):
@@ -485,6 +504,7 @@ def _timm_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
                 problems.append("attention-pool qkv bias differing from the blocks' qkv_bias")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         problems.append(f"classifier head {type(model.head).__name__}")
+    gated = _attn_gated(model.blocks, problems)
     if problems:
         raise ValueError("unsupported timm ViT feature(s): " + "; ".join(dict.fromkeys(problems)))
 
@@ -492,6 +512,7 @@ def _timm_model_fields(model: nn.Module, pooled: bool = True) -> dict[str, Any]:
         **_timm_trunk_fields(model, blk.mlp.fc1.out_features, pe.patch_size[0], pe.proj.in_channels),
         qkv_bias=blk.attn.qkv.bias is not None,
         qk_norm=not _is_identity(blk.attn.q_norm),
+        attn_gated=gated,
         init_values=1.0 if not _is_identity(blk.ls1) else None,  # value is overwritten by the weights
         act=_timm_act(blk.mlp.act),
         norm_eps=eps[0] if eps else 1e-6,
@@ -567,6 +588,7 @@ def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[s
         mlp_type="glu" if glu else "mlp",
         qkv_bias="blocks.0.attn.qkv.bias" in sd,
         qk_norm="blocks.0.attn.q_norm.weight" in sd,
+        attn_gated="blocks.0.attn.gate.weight" in sd,  # timm's gated attention: the same Linear name
         init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
         act="gelu",
         norm_eps=1e-6,
@@ -580,7 +602,7 @@ def _timm_state_dict_fields(sd: Mapping[str, torch.Tensor], overrides: Mapping[s
         final_norm="norm.weight" in sd or "fc_norm.weight" in sd,  # neither: features are the last block's output
         num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
         # timm >= 1.0 VisionTransformer / NaFlexVit AttentionPoolLatent sees patch tokens only; Eva's every token
-        map_include_prefix=eva,
+        map_include_prefix=eva and not naflex,
     )
     if freqs is not None:
         if freqs.dim() != 4 or freqs.shape[:2] != (2, depth) or freqs.shape[3] * 2 * num_heads != D:

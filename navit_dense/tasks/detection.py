@@ -96,8 +96,9 @@ class DetectionDataConfig(DataConfig):
     nms_iou: float = 0.0
     score_thresh: float = 0.0
     use_objectness: bool = False
-    # Evaluation only: pad every image bottom/right to a square of its longer side with black
-    # (HF Owlv2Processor's layout) before packing, instead of packing it at native aspect.
+    # Pad every image bottom/right to a square of its longer side with black (HF Owlv2Processor's
+    # layout) before packing, instead of packing it at native aspect; in training too (the
+    # fixed-resolution square ViT regime of tools/compare_navit_vit.py), boxes then relative to the square.
     square_pad: bool = False
 
 
@@ -106,6 +107,7 @@ class DetectionDataConfig(DataConfig):
 class DetectionTask(Task):
     ModelConfig = DetectionModelConfig
     DataConfig = DetectionDataConfig
+    supports_uint8_patches = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -174,7 +176,7 @@ class DetectionTask(Task):
             return None
         if split not in self._datasets:
             train = split == "train"
-            steps = [Normalize(d.mean, d.std)]
+            steps = [] if self.pixel_norm is not None else [Normalize(d.mean, d.std)]  # uint8 patches: the model normalizes
             if train:
                 lo, hi = d.scale_jitter
                 steps = [RandomHorizontalFlip(d.flip_prob), RandomCrop(d.min_crop, 1.0, p=d.crop_prob), ScaleJitter(lo, hi), *steps]
@@ -216,12 +218,18 @@ class DetectionTask(Task):
     def collate(self, samples: list, plan: PackPlan):
         # Budget scale jitter multiplies each image's token budget (capped at one sequence).
         budgets = scale_budgets(plan.max_tokens, [s.budget_scale for s in samples], plan.seq_len - plan.num_prefix_tokens)
-        plan = replace(plan, max_tokens=budgets)
+        plan = replace(plan, max_tokens=budgets, pixel_norm=self.pixel_norm)
         images = [s.image for s in samples]
-        if self.cfg.data.square_pad and not plan.train:
+        if self.cfg.data.square_pad:
             images = [self._pad_to_square(im) for im in images]
         batch = plan.pack(images)
         targets = detection_targets(samples)  # normalized cxcywh boxes + image_id, scale, LVIS lists
+        if self.cfg.data.square_pad and plan.train:
+            # The head predicts relative to the packed (square) extent: the image fills W/S x H/S
+            # of it, top-left. Evaluation needs nothing: pixels of the square are the image's own.
+            for t in targets:
+                H, W = t["size"]
+                t["boxes"] = t["boxes"] * torch.tensor([W, H, W, H], dtype=torch.float32) / max(H, W)
         for t in targets:
             t.pop("masks", None)
         if plan.train:
@@ -235,12 +243,15 @@ class DetectionTask(Task):
         return batch, targets
 
     def _pad_to_square(self, image: torch.Tensor) -> torch.Tensor:
-        """Bottom/right padding to the longer side with a black pixel (normalized), so the
-        image keeps its top-left pixel coordinates: detections map back unchanged."""
+        """Bottom/right padding to the longer side with a black pixel (normalized, or 0 when
+        the images are not: uint8 patches), so the image keeps its top-left pixel coordinates:
+        detections map back unchanged."""
         _, H, W = image.shape
         S = max(H, W)
         d = self.cfg.data
-        black = (-torch.tensor(d.mean) / torch.tensor(d.std)).to(image.dtype).view(3, 1, 1)
+        black = torch.zeros(3, 1, 1, dtype=image.dtype)
+        if self.pixel_norm is None:
+            black = (-torch.tensor(d.mean) / torch.tensor(d.std)).to(image.dtype).view(3, 1, 1)
         out = black.expand(3, S, S).clone()
         out[:, :H, :W] = image
         return out

@@ -82,17 +82,34 @@ class _SegmentationData(DataConfig):
     eval_mode: str = "whole"  # whole | slide
     slide_window: int = 0  # window side in pixels; 0: sqrt(max_tokens_per_image) * patch_size
     slide_stride_ratio: float = 0.667  # stride = window * ratio (mmseg ADE: 341 / 512)
+    # Stretch every image to a square (training and whole-image evaluation) before packing: the
+    # fixed-resolution square ViT regime of tools/compare_navit_vit.py. Labels follow in training
+    # (resized to the packed size); predictions are upsampled back to the original size.
+    square_resize: bool = False
 
 
 # The training augmentation (aspect-preserving crop, flip, photometric jitter, budget scale
 # jitter) and ignore_index are SegAugment's own fields, generated from it.
 SegmentationDataConfig = config_schema(SegAugment, "SegmentationDataConfig", bases=(_SegmentationData,))
 
+
+def _stretch_to_square(image: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] -> [C, S, S], S = max(H, W): the short side is stretched (upsampling only, so
+    no antialiasing is needed; the packer then resizes the square to its token budget). A uint8
+    image (data.uint8_patches) stays uint8."""
+    S = max(image.shape[-2:])
+    if image.shape[-2] == image.shape[-1]:
+        return image
+    out = torch.nn.functional.interpolate(image[None].float(), size=(S, S), mode="bilinear", align_corners=False)[0]
+    return out.round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else out.to(image.dtype)
+
+
 # ---- task ------------------------------------------------------------------------------------
 @register_task("segmentation")
 class SegmentationTask(Task):
     ModelConfig = SegmentationModelConfig
     DataConfig = SegmentationDataConfig
+    supports_uint8_patches = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -105,6 +122,8 @@ class SegmentationTask(Task):
             raise ValueError(f"model.decoder.type must be one of {DECODERS}, got {cfg.model.decoder.type!r}")
         if d.format not in ("ade20k", "folder"):
             raise ValueError(f"data.format must be ade20k or folder, got {d.format!r}")
+        if d.square_resize and d.eval_mode == "slide":
+            raise ValueError("data.square_resize=true needs data.eval_mode=whole (slide windows are cut from the image's own pixels)")
         self._datasets: dict[str, SegTaskDataset] = {}
 
     @property
@@ -152,12 +171,15 @@ class SegmentationTask(Task):
         except ValueError as e:  # contradicting metadata, class names that do not fit num_classes
             raise ValueError(f"data ({split} split): {e}") from None
         augment = SegAugment(**{f.name: getattr(d, f.name) for f in fields(SegAugment)}) if split == "train" else None
-        self._datasets[split] = SegTaskDataset(base, d.mean, d.std, augment)
+        self._datasets[split] = SegTaskDataset(base, d.mean, d.std, augment, normalize=self.pixel_norm is None)
         return self._datasets[split]
 
     def collate(self, samples: list[dict], plan: PackPlan) -> tuple[PackedBatch, dict]:
         d = self.cfg.data
+        plan = replace(plan, pixel_norm=self.pixel_norm)
         images = [s["image"] for s in samples]
+        if d.square_resize:
+            images = [_stretch_to_square(im) for im in images]
         targets: dict[str, Any] = {"index": [s["index"] for s in samples]}
         if plan.train:
             budgets = scale_budgets(plan.max_tokens, [s["budget_scale"] for s in samples], plan.seq_len - plan.num_prefix_tokens)
