@@ -195,29 +195,3 @@ def test_timm_gate_in_some_blocks_only_is_refused_by_name():
     ref.blocks[1].attn.gate = None
     with pytest.raises(ValueError, match="gated attention in some blocks only"):
         navit_from_timm(ref)
-
-
-def test_benchmark_seg_default_model_is_gated_and_checkpoints_must_match_the_variant(tmp_path):
-    """tools/benchmark_seg.py trains the gated model unless told otherwise, records it, and
-    refuses a checkpoint of another variant (mmengine would load it non-strictly, leaving the
-    gates random) with the --backbone fields to pass."""
-    import json
-
-    from conftest import load_tool
-
-    load_tool("make_synthetic_seg").make_synthetic_seg(tmp_path / "data", seed=0, n_train=4, n_val=2, min_side=64, max_side=96)
-    tool = load_tool("benchmark_seg")
-    common = ["--data-root", str(tmp_path / "data"), "--work-dir", str(tmp_path / "work"), "--max-res", "64",
-              "--num-images", "2", "--batch", "2"]  # fmt: skip
-    try:
-        assert tool.main(["--json", str(tmp_path / "a.json"), "--train-iters", "2", "--seed", "3", *common]) == 0
-        report = json.loads((tmp_path / "a.json").read_text())
-        assert report["weights"]["backbone"] == {"attn_gated": True} and report["weights"]["seed"] == 3
-        checkpoint = report["weights"]["checkpoint"]
-        with pytest.raises(SystemExit, match="attn_gated=false"):
-            tool.main(["--json", str(tmp_path / "b.json"), "--checkpoint", checkpoint, "--backbone", "attn_gated=false", *common])
-        assert tool.main(["--json", str(tmp_path / "c.json"), "--checkpoint", checkpoint, *common]) == 0
-    finally:
-        torch.set_num_threads(1)
-    again = json.loads((tmp_path / "c.json").read_text())
-    assert [r["mIoU"] for r in again["rows"]] == [r["mIoU"] for r in report["rows"]]  # the same weights, loaded

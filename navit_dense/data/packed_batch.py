@@ -122,6 +122,17 @@ class PackedLayout:
         total = self.num_sequences * self.seq_len
         return 1.0 - self.num_tokens / total if total else 0.0
 
+    @cached_property
+    def padded_cells(self) -> np.ndarray:
+        """int64 [T]: every kept patch token's cell in the zero-padded grid stack [N, H, W]
+        (H, W the largest grid sides), image-major and row-major like ``kept_cells``."""
+        W = max((w for _, w in self.grids), default=0)
+        H = max((h for h, _ in self.grids), default=0)
+        image = np.repeat(np.arange(self.num_images, dtype=np.int64), self.num_kept)
+        width = np.repeat(np.array([w for _, w in self.grids], dtype=np.int64), self.num_kept)
+        row, col = np.divmod(np.asarray(self.kept_cells, dtype=np.int64), np.maximum(width, 1))
+        return (image * H + row) * W + col
+
     def derived(self, key, build: Callable[[], object]):
         """A value computed once from this layout and kept with it (e.g. a decoder's own
         layout), so modules that need more than the fields above never rebuild it per call."""

@@ -234,7 +234,8 @@ class Trainer:
         if self.task.pretrained_report is not None:
             r = self.task.pretrained_report
             self.logger.info(f"backbone initialised from {r['path']} ({r['format']}, prefix {r['prefix']!r}): {r['loaded']} tensors; "
-                             f"skipped from the file: {r['skipped_source_keys'] or 'none'}; kept as initialised: {r['kept_initialised'] or 'none'}")  # fmt: skip
+                             f"skipped from the file: {r['skipped_source_keys'] or 'none'}; kept as initialised: {r['kept_initialised'] or 'none'}; "
+                             f"zero-initialised (added to the trunk): {r.get('zero_initialised') or 'none'}")  # fmt: skip
         if restore_from is not None:
             self.logger.info(f"resumed from {restore_from} at step {st.step} (epoch {st.epoch}, step {st.step_in_epoch} in epoch)")
 

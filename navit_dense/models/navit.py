@@ -38,6 +38,10 @@ class NaViTConfig:
     # ``attn_gated`` / Attention(gated=True), Qwen gated attention): a query can scale its
     # attention output towards zero instead of needing sink tokens (padding canvas, registers).
     attn_gated: bool = False
+    # k x k depthwise convolution over each image's own patch grid (zero-padded at the image's
+    # border, never across images), added to the tokens before every block: CPVT's positional
+    # encoding generator / LocalViT's locality, packed. 0: none. Packing stays exact.
+    local_conv: int = 0
     init_values: float | None = None  # LayerScale init; None disables it
     act: str = "gelu"  # gelu | gelu_tanh | quick_gelu
     mlp_type: str = "mlp"  # mlp (fc1, act, fc2) | glu (SiLU-gated: EVA02's GluMlp, fc1 twice as wide)
@@ -157,6 +161,27 @@ class Attention(nn.Module):
         return self.proj(out)
 
 
+class GridConv(nn.Module):
+    """Depthwise k x k convolution of the patch tokens on each image's own grid: tokens are
+    scattered into a zero [N, D, H, W] stack (layout.padded_cells), convolved, gathered back;
+    prefix and padding slots get zeros. Dropped tokens' cells stay zero."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"local_conv must be an odd kernel size (or 0), got {kernel_size}")
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cells: torch.Tensor) -> torch.Tensor:
+        lay, D = batch.layout, x.shape[-1]
+        H, W = max(h for h, _ in lay.grids), max(w for _, w in lay.grids)
+        tokens = batch.flat(x).index_select(0, batch.patch_slots)  # [T, D]
+        grid = tokens.new_zeros(lay.num_images * H * W, D).index_copy(0, cells, tokens)
+        grid = self.conv(grid.view(lay.num_images, H, W, D).permute(0, 3, 1, 2))
+        out = grid.permute(0, 2, 3, 1).reshape(-1, D).index_select(0, cells)
+        return tokens.new_zeros(x.shape[0] * x.shape[1], D).index_copy(0, batch.patch_slots, out).view_as(x)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block; stochastic depth drops whole images, not whole sequences."""
 
@@ -270,6 +295,7 @@ class NaViT(nn.Module):
         self.norm_pre = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linspace, without a tensor (meta-device builds)
         self.blocks = nn.ModuleList([Block(cfg, r, cfg.block_window_size(i)) for i, r in enumerate(rates)])
+        self.local_convs = nn.ModuleList([GridConv(dim, cfg.local_conv) for _ in range(cfg.depth)]) if cfg.local_conv else None
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.final_norm and not cfg.fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if cfg.fc_norm else nn.Identity()
         if cfg.global_pool not in ("map", "avg", "token", "none"):
@@ -322,8 +348,11 @@ class NaViT(nn.Module):
         coords = mixed_rope_coords(self.rope, batch) if mixed else None
         ctx = AttentionContext(batch, self.cfg.attn_kernel, rope=rope, rope_half=self.cfg.rope_rotate_half)
         x = self.embed(batch)
+        cells = torch.from_numpy(batch.layout.padded_cells).to(x.device) if self.local_convs is not None else None
         inter: dict[int, torch.Tensor] = {}
         for i, block in enumerate(self.blocks[: None if last is None else last + 1]):
+            if cells is not None:
+                x = x + self.local_convs[i](x, batch, cells)
             x = block(x, ctx, mixed_rope_embed(self.rope, coords, i) if mixed else None)
             if i in take:
                 inter[i] = self.norm(x) if norm else x
@@ -398,6 +427,17 @@ class NaViT(nn.Module):
             prefix_tokens=unpack_prefix(final, batch) if self.num_prefix_tokens else None,
             batch=batch,
         )
+
+    @torch.no_grad()
+    def zero_added_modules(self, missing_keys) -> list[str]:
+        """Zero the local convs a loaded checkpoint had no values for (a trunk trained without
+        ``local_conv``): their residual branches then start at zero and the model computes the
+        checkpoint's function exactly. Returns the names zeroed."""
+        missing = set(missing_keys)
+        zeroed = [n for n, _ in self.named_parameters() if n.startswith("local_convs.") and n in missing]
+        for name in zeroed:
+            self.get_parameter(name).zero_()
+        return zeroed
 
     def no_weight_decay(self) -> set[str]:
         names = {"mask_token", "prefix_tokens", "prefix_pos", "attn_pool.latent"}

@@ -34,6 +34,7 @@ import torch
 
 from .navit import NaViT, NaViTConfig
 from .weight_import import (
+    ADDED_MODULES,
     PATCH_LAYOUTS,
     config_from_siglip2,
     config_from_timm,
@@ -155,7 +156,9 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
     patch_layout: auto | channels_last | channels_first, the column order of a timm file's linear
     patch embedding (auto: NaFlexVit's default, channels-last; see weight_import.timm_patch_layout).
     Returns a report: path, format, prefix, loaded (number of tensors), skipped_source_keys,
-    kept_initialised (model parameters the file has no values for), patch_layout (how a linear
+    kept_initialised (model parameters the file has no values for), zero_initialised (the
+    ``local_conv`` parameters of a file trained without them: zeroed, so the loaded model computes
+    the file's function and the convs learn from there), patch_layout (how a linear
     patch embedding was read; None for a Conv2d one or a non-timm file)."""
     if format not in FORMATS:
         raise ValueError(f"pretrained format {format!r} is not one of {FORMATS}")
@@ -170,7 +173,7 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
     state = {k[len(found_prefix) :]: v for k, v in raw.items() if k.startswith(found_prefix)}
 
     model_keys = model.state_dict()
-    own_optional = {k for k in model_keys if k.startswith(TASK_SPECIFIC)}
+    own_optional = {k for k in model_keys if k.startswith(TASK_SPECIFIC + ADDED_MODULES)}
     source_optional = {k for k in state if k.startswith(TASK_SPECIFIC)}
     trunk = {k: v for k, v in state.items() if k not in source_optional}
     optional = {k: v for k, v in state.items() if k in source_optional}
@@ -205,13 +208,15 @@ def load_pretrained(model: NaViT, path: str | Path, format: str = "auto", prefix
     if missing:
         raise ValueError(f"{path}: no values for {missing[:8]}{' ...' if len(missing) > 8 else ''} (prefix {found_prefix!r})")
     model.load_state_dict(shapes_ok, strict=False)
+    zeroed = model.zero_added_modules(set(model_keys) - set(shapes_ok))
     return {
         "path": str(path),
         "format": fmt,
         "prefix": found_prefix,
         "loaded": len(shapes_ok),
         "skipped_source_keys": sorted(source_optional - set(shapes_ok)),
-        "kept_initialised": sorted(set(model_keys) - set(shapes_ok)),
+        "kept_initialised": sorted(set(model_keys) - set(shapes_ok) - set(zeroed)),
+        "zero_initialised": sorted(zeroed),
         "patch_layout": layout,
     }
 

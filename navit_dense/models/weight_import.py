@@ -30,6 +30,8 @@ import torch.nn as nn
 from .navit import NaViT, NaViTConfig
 
 _ALLOWED_MISSING = {"mask_token"}  # NaViT-only parameter, no counterpart in any source
+# NaViT-only modules added to an imported trunk; zero-initialised on import (see _load).
+ADDED_MODULES = ("local_convs.",)
 
 
 # ---- shared helpers ----------------------------------------------------------------------
@@ -69,7 +71,7 @@ def _finish(out: dict[str, torch.Tensor], expected: dict[str, torch.Size], sourc
     for key, shape in expected.items():
         if key not in out and key.endswith(".bias") and key[: -len("bias")] + "weight" in out:
             out[key] = torch.zeros(shape, dtype=out[key[: -len("bias")] + "weight"].dtype)
-    missing = sorted(set(expected) - set(out) - _ALLOWED_MISSING)
+    missing = sorted(k for k in set(expected) - set(out) - _ALLOWED_MISSING if not k.startswith(ADDED_MODULES))
     if missing:
         raise ValueError(f"{source} checkpoint lacks weights NaViT needs for this config: {missing}")
     bad = [
@@ -84,7 +86,8 @@ def _finish(out: dict[str, torch.Tensor], expected: dict[str, torch.Size], sourc
 
 def _load(model: NaViT, state_dict: dict[str, torch.Tensor]) -> NaViT:
     result = model.load_state_dict(state_dict, strict=False)
-    missing = set(result.missing_keys) - _ALLOWED_MISSING
+    model.zero_added_modules(result.missing_keys)
+    missing = {k for k in result.missing_keys if not k.startswith(ADDED_MODULES)} - _ALLOWED_MISSING
     if missing or result.unexpected_keys:
         unexpected = sorted(result.unexpected_keys)
         raise ValueError(f"weight import mismatch: missing {sorted(missing)}, unexpected {unexpected}")
