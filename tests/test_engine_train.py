@@ -92,6 +92,11 @@ def test_layerwise_lr_decay_groups_and_weight_decay_exclusions(tmp_path):
     assert where["backbone.rope.freqs"]["layer"] == 0 and where["backbone.rope.freqs"]["lr_scale"] == 0.5**3
     assert where["backbone.rope.freqs"]["weight_decay"] == 0.0
     assert where["backbone.rope.freqs"] is where["backbone.pos_embed.row"]  # the position embedding's group
+    # local_convs[i] runs before blocks[i]: it decays with that block, not at the heads' full lr
+    local = get_task("classification")(to_object(tiny_cfg(tmp_path, "model.backbone.local_conv=3"))).build_model()
+    where = {name: g for g in param_groups(local, weight_decay=0.1, layer_decay=0.5) for name in g["names"]}
+    assert where["backbone.local_convs.0.conv.weight"] is where["backbone.blocks.0.attn.qkv.weight"]
+    assert where["backbone.local_convs.1.conv.bias"]["layer"] == 2 and where["backbone.local_convs.1.conv.bias"]["weight_decay"] == 0.0
 
 
 def test_warmup_cosine_schedule():

@@ -36,7 +36,7 @@ _EMBEDDING_PARTS = {"patch_embed", "pos_embed", "prefix_tokens", "prefix_pos", "
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """({parameter name: layer}, number of layers). Embeddings (and learned RoPE frequencies) are
-    layer 0, block i is layer i + 1, and everything after the last block (final norm, pooling,
+    layer 0, block i (and the local conv before it) is layer i + 1, and everything after the last block (final norm, pooling,
     task heads) is the last layer. Without a NaViT every parameter is in the last layer (no decay)."""
     prefix, backbone = find_backbone(model)
     depth = len(backbone.blocks) if backbone is not None else 0
@@ -46,7 +46,7 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
         layer = last
         if backbone is not None and name.startswith(prefix):
             parts = name[len(prefix) :].split(".")
-            if parts[0] == "blocks":
+            if parts[0] in ("blocks", "local_convs"):  # local_convs[i] runs just before blocks[i]
                 layer = int(parts[1]) + 1
             elif parts[0] in _EMBEDDING_PARTS:
                 layer = 0
