@@ -130,3 +130,36 @@ def test_benchmark_seg_default_model_has_local_conv_and_checkpoints_must_match_t
         torch.set_num_threads(1)
     again = json.loads((tmp_path / "c.json").read_text())
     assert [r["mIoU"] for r in again["rows"]] == [r["mIoU"] for r in report["rows"]]  # the same weights, loaded
+
+
+def test_local_conv_weight_strides_match_its_gradient_under_ddp(tmp_path):
+    """The grid is channels-last in memory, so the conv weight's gradient is too; the weight is
+    laid out the same way, or DDP warns ("Grad strides do not match bucket view strides") and
+    copies every step. Single-process gloo DDP, two steps, no warning."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Loss(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, batch):
+            return self.net(batch).tokens.square().mean()
+
+    net = nd.build_backbone("navit_ti16", depth=2, local_conv=3, embed_dim=32, num_heads=2, patch_size=8, global_pool="none")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(Loss(net), find_unused_parameters=True)
+        batch = pack(images())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                ddp(batch).backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "strides" in str(w.message)], [str(w.message) for w in caught]
+    for conv in net.local_convs:
+        assert conv.conv.weight.stride() == conv.conv.weight.grad.stride()

@@ -171,6 +171,11 @@ class GridConv(nn.Module):
         if kernel_size % 2 != 1:
             raise ValueError(f"local_conv must be an odd kernel size (or 0), got {kernel_size}")
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        # The grid is channels-last in memory (a view of the token-major [N, H, W, D] stack), so
+        # the weight's gradient comes channels-last: give the weight those strides too, or DDP's
+        # gradient buckets (laid out like the parameter) warn and copy on every step.
+        w = self.conv.weight.data
+        self.conv.weight.data = torch.empty_strided(w.shape, (w[0].numel(), 1, w.shape[3], 1), dtype=w.dtype).copy_(w)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cells: torch.Tensor) -> torch.Tensor:
         lay, D = batch.layout, x.shape[-1]
