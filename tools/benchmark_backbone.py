@@ -87,6 +87,7 @@ from navit_dense.utils.benchmark import (
     time_interleaved,
     transformer_flops,
 )
+from navit_dense.utils.cpu_malloc import keep_freed_buffers
 
 # (width, height) of the most frequent COCO train2017 image sizes (LVIS uses the same images),
 # with rough frequencies; the remainder of the probability mass is random sizes.
@@ -146,6 +147,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", choices=("all", "timm"), default="all",
                    help="timm: only the timm NaFlexVit peer rows and their targets (skips packing sweeps, the "
                         "square / per-image / vit_pytorch baselines and the windows)")
+    p.add_argument(
+        "--malloc", choices=("tuned", "default"), default="tuned",
+        help="tuned (CPU): glibc malloc keeps freed activation buffers (utils/cpu_malloc.py, as train.cpu_malloc_tuning "
+             "does in training), for the whole process, so every compared model runs under it; default: glibc's adaptive "
+             "thresholds, whose page faults (0-90k per forward, which model pays them changes from call to call) make "
+             "ratios swing by +-10%%",
+    )
     p.add_argument("--window-side", type=int, default=1024, help="max side (px) of the windowed-attention images")
     p.add_argument("--window-size", type=int, default=14, help="window side in patches (ViTDet: 14)")
     p.add_argument("--window-global-every", type=int, default=3, help="every n-th block stays global (ViTDet-B: 2, 5, 8, 11)")
@@ -680,6 +688,7 @@ def main(argv=None) -> dict:
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    malloc = keep_freed_buffers() if args.malloc == "tuned" and device.type == "cpu" else {"applied": False, "reason": f"--malloc {args.malloc}"}
 
     overrides = {"attn_kernel": args.attn_kernel}
     depth = args.depth or mode["depth"]
@@ -695,7 +704,7 @@ def main(argv=None) -> dict:
     npref = model.num_prefix_tokens
     seq_len = args.seq_len or 8 * (n_square + npref)
     log(f"model {args.model} depth={depth} D={D} heads={cfg.num_heads} P={P} | max_side={args.max_side} "
-        f"seq_len={seq_len} images={num_images} seed={args.seed} threads={threads} device={device}")
+        f"seq_len={seq_len} images={num_images} seed={args.seed} threads={threads} device={device} malloc={malloc}")
 
     sizes = coco_like_sizes(num_images, args.seed)
     images = make_images(sizes, args.seed)
@@ -707,6 +716,7 @@ def main(argv=None) -> dict:
         "tokens_per_square": n_square, "num_images": num_images, "seed": args.seed, "quick": args.quick,
         "quick_note": QUICK_NOTE if args.quick else None, "only": args.only, "warmup_rounds": warmup, "timed_rounds": repeats,
         "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin, then sleep)"),
+        "malloc": malloc,
         "omp_wait_policy_note": None if not _TORCH_PRELOADED else "torch was imported before the tool; policy not applied",
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "image_sizes_hw": [list(s) for s in sizes],

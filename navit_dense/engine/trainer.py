@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data import PACKING_ALGORITHMS, PackedBatch
+from ..utils.cpu_malloc import keep_freed_buffers
 from . import checkpoint as ckpt
 from .config import ConfigError, diff_configs, to_object, to_yaml
 from .data import MicroBatch, build_loader, steps
@@ -82,6 +83,12 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def tune_cpu_malloc(train, device: torch.device) -> dict | None:
+    """utils/cpu_malloc.keep_freed_buffers for a CPU run that asks for it (train.cpu_malloc_tuning);
+    returns what it did, or None when not asked."""
+    return keep_freed_buffers() if device.type == "cpu" and train.cpu_malloc_tuning else None
 
 
 def autocast(precision: str, device: torch.device):
@@ -183,6 +190,7 @@ class Trainer:
         self.cfg = c = to_object(cfg)
         self.env = env = init_distributed(c.train.device, c.train.collective_timeout_s)
         check_config(c, env)
+        malloc = tune_cpu_malloc(c.train, env.device)
         self.run_dir = Path(c.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.restored_from = restore_from = self._prepare_run_dir(resume)
@@ -236,6 +244,8 @@ class Trainer:
             self.logger.info(f"backbone initialised from {r['path']} ({r['format']}, prefix {r['prefix']!r}): {r['loaded']} tensors; "
                              f"skipped from the file: {r['skipped_source_keys'] or 'none'}; kept as initialised: {r['kept_initialised'] or 'none'}; "
                              f"zero-initialised (added to the trunk): {r.get('zero_initialised') or 'none'}")  # fmt: skip
+        if malloc is not None:
+            self.logger.info(f"CPU malloc tuning (train.cpu_malloc_tuning): {malloc}")
         if restore_from is not None:
             self.logger.info(f"resumed from {restore_from} at step {st.step} (epoch {st.epoch}, step {st.step_in_epoch} in epoch)")
 
@@ -535,6 +545,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, ema: bool | Non
     c = to_object(cfg)
     path = ckpt.resolve(checkpoint)
     env = init_distributed(c.train.device, c.train.collective_timeout_s)
+    tune_cpu_malloc(c.train, env.device)
     task, model, backbone, dataset = load_for_evaluation(c, path, ema, env.device, split)
     loader = build_loader(task, dataset, c, patch_size=backbone.patch_size, num_prefix_tokens=backbone.num_prefix_tokens, train=False, world_size=env.world_size, rank=env.rank)
     with collective_errors(c.train.collective_timeout_s):

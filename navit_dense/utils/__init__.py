@@ -1,1 +1,2 @@
-"""Small utilities shared by tools (benchmarking helpers)."""
+"""Small utilities shared by the engine and the tools (benchmarking helpers, host-sync
+counting, CPU malloc settings)."""
