@@ -172,7 +172,7 @@ class TrainConfig:
     collective_timeout_s: float = 1800.0
     device: str = "auto"  # auto | cpu | cuda
     # CPU runs on glibc: fix malloc's mmap / trim thresholds so freed activation buffers stay
-    # in the heap instead of coming back as page faults every step (5-15% of a CPU step; the
+    # in the heap instead of coming back as page faults every step (demo step 3-7% faster; the
     # process keeps its peak heap). utils/cpu_malloc.py; glibc's MALLOC_*_ variables win.
     cpu_malloc_tuning: bool = True
 

@@ -5,11 +5,11 @@ A ViT step on the CPU allocates and frees the same few MB-sized activations (qkv
 attention outputs) in every block. With glibc's defaults the allocator adapts its mmap
 threshold as it goes and trims the top of the heap whenever more than twice that threshold is
 free, so a share of those buffers goes back to the kernel after use and comes back as fresh,
-zero-filled pages: tens of thousands of minor page faults per forward, 5-15% of a step
-(measured with ``getrusage`` on the 12-block benchmark models and the demo detector; README,
-"Speed against timm's NaFlexViT"). Fixing both thresholds keeps the buffers in the heap; the
-price is that the process keeps its peak heap (up to ``TRIM_THRESHOLD`` of free memory at its
-top) instead of returning it. PyTorch's CUDA caching allocator makes the same trade on GPUs;
+zero-filled pages: up to tens of thousands of minor page faults per forward (``getrusage``).
+Fixed thresholds made the demo detector's training step 3-7% faster and a 12-block benchmark
+forward about 8% faster here (README, "Speed against timm's NaFlexViT"). The price: the
+process keeps its peak heap (up to ``TRIM_THRESHOLD`` of free memory at its top) instead of
+returning it. PyTorch's CUDA caching allocator makes the same trade on GPUs;
 jemalloc / tcmalloc (LD_PRELOAD) are the other usual CPU fix, and mallopt leaves them alone.
 
 Process-wide: every model in the process benefits, so a benchmark that times two models in one
