@@ -20,11 +20,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONHASHSEED=0
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 
 # ---- 0. what the machine lacks, from the local wheels only (never a registry) ----
-missing=$($PY - <<'EOF'
-import importlib.util
+# timm is on such machines but maybe at another version than the pin the NaFlexVit peer of the
+# benchmark is written for: the pinned wheel replaces it then.
+TIMM_PIN=$(grep -E '^timm==' requirements/core.txt)
+missing=$(TIMM_PIN="$TIMM_PIN" $PY - <<'EOF'
+import importlib.metadata, importlib.util, os
 need = {"omegaconf": "omegaconf", "antlr4": "antlr4-python3-runtime", "pycocotools": "pycocotools",
         "faster_coco_eval": "faster-coco-eval", "lvis": "lvis", "vit_pytorch": "vit-pytorch"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+try:
+    timm_version = importlib.metadata.version("timm")
+except importlib.metadata.PackageNotFoundError:
+    timm_version = None
+if f"timm=={timm_version}" != os.environ["TIMM_PIN"]:
+    missing.append(os.environ["TIMM_PIN"])
+print(" ".join(missing))
 EOF
 )
 if [ -n "$missing" ]; then
