@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from navit_dense.data.decode import BadInputWarning, DataError
 from navit_dense.engine import checkpoint as ckpt
 from navit_dense.engine.config import load_config, to_object
-from navit_dense.engine.data import build_loader
+from navit_dense.engine.data import build_loader, steps
 from navit_dense.engine.optim import build_ema, lr_factor, param_groups
 from navit_dense.engine.task import get_task, register_task
-from navit_dense.engine.trainer import NonFiniteLossError, train
+from navit_dense.engine.trainer import NonFiniteLossError, Trainer, train
 from navit_dense.data.synthetic.shapes import ShapesDataset
 from navit_dense.tasks.classification import ClassificationModelConfig, ClassificationTask
 
@@ -366,3 +366,28 @@ def test_evaluate_tool_reproduces_the_final_evaluation(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert record["step"] == 2 and record["metrics"] == summary["final_metrics"]  # EMA weights, as in training
     assert json.loads(capsys.readouterr().out.split("wrote")[0]) == summary["final_metrics"]
+
+
+def test_gradscaler_overflow_skips_the_update_and_is_counted_on_cpu(tmp_path):
+    """The fp16 bookkeeping of train_step without a GPU (fp16 itself is CUDA-only): a CPU
+    GradScaler with a huge initial scale makes the scaled loss overflow (fp32: its largest value
+    times a loss above 1 is inf), so the update is skipped, the scale backs off, and the step
+    counts as an overflow, neither as a non-finite loss nor towards the EMA."""
+    huge = torch.finfo(torch.float32).max
+    trainer = Trainer(tiny_cfg(tmp_path / "run", "train.steps=3", "train.ema_decay=0.5"))
+    stream = steps(trainer.train_loader, 0, 0)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # a scale that fits: the update goes through
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(next(stream))
+    assert trainer.state.overflow_steps == 0
+    assert any(not torch.equal(start[k], v) for k, v in trainer.model.state_dict().items())
+
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=huge)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}  # differs from the model now (decay 0.5)
+    scalars = trainer.train_step(next(stream))
+    assert scalars["loss"] > 1.0  # so the scaled loss is inf: the premise of the test
+    assert trainer.state.overflow_steps == 1 and trainer.state.skipped_nonfinite == 0
+    assert trainer.scaler.get_scale() == pytest.approx(huge / 2)
+    assert_same_weights(before, trainer.model.state_dict())
+    assert_same_weights(ema_before, trainer.ema.state_dict())
