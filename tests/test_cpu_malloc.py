@@ -62,7 +62,9 @@ def test_users_malloc_variables_win(monkeypatch):
     assert report["applied"] is False and "MALLOC_TRIM_THRESHOLD_" in report["reason"]
 
 
-def test_tuning_follows_the_config_and_the_device():
+def test_tuning_follows_the_config_and_the_device(monkeypatch):
+    for name in cpu_malloc.ENV_VARS:  # a user's own setting would (rightly) win over the tuning
+        monkeypatch.delenv(name, raising=False)
     on = load_config(None, ["task=classification"]).train
     off = load_config(None, ["task=classification", "train.cpu_malloc_tuning=false"]).train
     assert tune_cpu_malloc(off, torch.device("cpu")) is None

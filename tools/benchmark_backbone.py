@@ -151,8 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--malloc", choices=("tuned", "default"), default="tuned",
         help="tuned (CPU): glibc malloc keeps freed activation buffers (utils/cpu_malloc.py, as train.cpu_malloc_tuning "
              "does in training), for the whole process, so every compared model runs under it; default: glibc's adaptive "
-             "thresholds, whose page faults (0-90k per forward, which model pays them changes from call to call) make "
-             "ratios swing by +-10%%",
+             "thresholds, whose page faults (0-98k per 12-block forward, which model pays them changes from call to call) "
+             "move ratios by up to ~10%%",
     )
     p.add_argument("--window-side", type=int, default=1024, help="max side (px) of the windowed-attention images")
     p.add_argument("--window-size", type=int, default=14, help="window side in patches (ViTDet: 14)")
@@ -688,7 +688,8 @@ def main(argv=None) -> dict:
     threads = set_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    malloc = keep_freed_buffers() if args.malloc == "tuned" and device.type == "cpu" else {"applied": False, "reason": f"--malloc {args.malloc}"}
+    malloc = (keep_freed_buffers() if args.malloc == "tuned" and device.type == "cpu"
+              else {"applied": False, "reason": f"--malloc {args.malloc} on {device.type} (CPU only)"})
 
     overrides = {"attn_kernel": args.attn_kernel}
     depth = args.depth or mode["depth"]

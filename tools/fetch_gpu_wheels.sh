@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Download, here (where the package registry is reachable), the wheels a bare CUDA machine lacks
 # to run tools/gpu_check.sh: it has its own Python 3.12 + torch and no registry. The wheels land
-# in third_party/wheels-cp312/ (ignored by git, about 6 MB; timm too, since the machine's own
-# timm may be another version than the pin the benchmark's NaFlexVit peer is written for); pass that folder along with the
-# checkout (the device tool's `carry`). Pins follow requirements/core.txt and dev.txt.
+# in third_party/wheels-cp312/ (ignored by git, about 4 MB; timm too: the machine's own timm may
+# be another version than the pin the benchmark's NaFlexVit peer is written for); pass that
+# folder along with the checkout (the device tool's `carry`). Pins follow requirements/core.txt and dev.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-third_party/wheels-cp312}
