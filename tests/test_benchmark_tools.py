@@ -186,6 +186,19 @@ def test_benchmark_backbone_reports_timm_naflexvit_rows_and_targets(backbone_rep
     # same weights, same tokens: the peer computes our function (fractional positional lookup)
     for diffs in peer["equivalence"].values():
         assert max(diffs.values()) <= 1e-4
+    # the fixed-budget stage breakdown: timm's blocks ran on our tokens in its bucketed rows
+    # (block 0 gives the same outputs), every stage timed for both models
+    breakdown, fixed = peer["breakdown"], peer["rows"][0]
+    assert breakdown["peer_batching"] == "timm_bucketed"
+    assert list(breakdown["ms"]["ours"]) == list(breakdown["ms"]["timm"]) == list(tool.BREAKDOWN_STAGES)
+    assert breakdown["block0_output_max_abs_diff"] <= 1e-5
+    assert breakdown["slots"] == {"ours": fixed["slots"]["ours"], "timm": fixed["slots"]["timm_bucketed"],
+                                  "real_tokens": fixed["real_tokens"]}
+    for stage in tool.BREAKDOWN_STAGES:
+        ours, timm = breakdown["ms"]["ours"][stage], breakdown["ms"]["timm"][stage]
+        assert breakdown["timm_vs_ours"][stage] == pytest.approx(timm / ours)
+        if stage != "block0.attention":  # a difference of timings: may dip below 0 at toy size
+            assert ours > 0 and timm > 0
 
 
 def test_benchmark_backbone_only_timm_runs_just_the_peer_rows(tmp_path):

@@ -21,7 +21,9 @@ in one process:
                     (forward + backward of a scalar from the features), against ours packed.
                     It gets the same resized images on the same grids as timm's NaFlex input
                     (one image per row, padded): to the batch's longest row, and to timm's
-                    loader bucket lengths. ``--no-timm`` skips it.
+                    loader bucket lengths. At the fixed budget it also times the eval forward
+                    stage by stage in both models (``stage_breakdown``: embedding, the first
+                    block's pieces, all blocks, pooling). ``--no-timm`` skips it.
 - windows           ViTDet windowed attention (``window_size`` 14, every 3rd block global as
                     ViTDet-B's 2, 5, 8, 11) against global attention, same weights, packed, on
                     COCO-like images with a longer side of 1024 px (64 cells at P=16): images/s
@@ -78,7 +80,7 @@ except ImportError:  # run from a checkout without installing
 
 from navit_dense.data import ResolutionSampler, pack_images, pack_lengths
 from navit_dense.data.resize import budget_grid, resize_to_grid
-from navit_dense.models.attention import attention_pairs
+from navit_dense.models.attention import AttentionContext, attention_pairs
 from navit_dense.utils.benchmark import (
     human_bytes,
     optimal_pad_fraction,
@@ -422,6 +424,14 @@ def print_peer_table(peer: dict) -> None:
             f"{vs['timm_bucketed']:7.2f} {judged['peer']:>16s} {r['ours_vs_cpu_time'][judged['peer']]:5.2f} "
             f"{pad['ours']:6.3f}/{pad['timm_row_padded']:.3f}/{pad['timm_bucketed']:.3f}")
     log(f"  {PEER_BUCKETED_NOTE}")
+    if "breakdown" in peer:
+        b = peer["breakdown"]
+        log(f"  fixed budgets, eval, stage by stage (ms per batch; ours {b['slots']['ours']} slots, timm bucketed "
+            f"{b['slots']['timm']}, {b['slots']['real_tokens']} real tokens; block 0 outputs differ by "
+            f"{b['block0_output_max_abs_diff']:.1e}):")
+        for stage in BREAKDOWN_STAGES:
+            log(f"    {stage:17s} ours {b['ms']['ours'][stage]:8.2f}  timm {b['ms']['timm'][stage]:8.2f}  "
+                f"timm / ours {b['timm_vs_ours'][stage]:5.2f}")
     for name, e in peer["equivalence"].items():
         log(f"  same weights, fractional positions: {name} maps diff {e['feature_maps_max_abs_diff']:.2e}, "
             f"pooled diff {e['pooled_max_abs_diff']:.2e}")
@@ -486,6 +496,95 @@ def timm_equivalence(model_name, overrides, model, peer, batch, batchings, devic
     return out
 
 
+BREAKDOWN_SHORT_ROUNDS = 15
+BREAKDOWN_STAGES = ("embed", "block0.norm1", "block0.qkv", "block0.attention", "block0.proj", "block0.mlp", "blocks", "head")
+
+
+def _timm_embeds(peer, p: NaFlexRows) -> dict:
+    """timm's forward_features up to the blocks: patch and position embedding, and the mask."""
+    return peer._forward_embeds(p.inputs["patches"], p.inputs["patch_coord"], p.inputs["patch_valid"], None)
+
+
+def _run_ours_blocks(blocks, x, ctx):
+    for b in blocks:
+        x = b(x, ctx)
+    return x
+
+
+def _run_timm_blocks(blocks, x, mask):
+    for b in blocks:
+        x = b(x, attn_mask=mask)
+    return x
+
+
+def stage_breakdown(model, peer, batch, parts: list[NaFlexRows], warmup: int, repeats: int, device) -> dict:
+    """Where the eval forward's time goes in ours and in timm (its ``parts`` batching), stage by
+    stage, timed in place (wall medians, round-robin, the short stages over at least
+    BREAKDOWN_SHORT_ROUNDS rounds; torch.profiler's self-times of large element-wise ops are
+    unreliable on CPU). Stages: the embedding (timm's includes building its
+    [B, 1, L, L] mask), the first block's pieces (each the module call both models make;
+    "attention" = the attention module's call less its qkv and proj projections: the kernel with
+    its layout copies), all blocks, and the final norm plus pooling. Every block stage of timm
+    runs on OUR embedded tokens laid out in its rows, and the first block's outputs are compared
+    on the real tokens: both sides time the same work."""
+    lay, blk, tblk = batch.layout, model.blocks[0], peer.blocks[0]
+    with torch.no_grad():
+        ctx = AttentionContext(batch, model.cfg.attn_kernel)
+        x = model.embed(batch)
+        xn = blk.norm1(x)
+        tokens = batch.flat(x).index_select(0, batch.patch_slots)  # image-major, as NaFlexRows.real_index
+        tx, masks = [], []
+        for p in parts:
+            rows = torch.cat([tokens[lay.token_offsets[i] : lay.token_offsets[i + 1]] for i in p.images])
+            B, L = p.inputs["patch_valid"].shape
+            tx.append(tokens.new_zeros(B * L, tokens.shape[-1]).index_copy(0, p.real_index, rows).view(B, L, -1))
+            masks.append(_timm_embeds(peer, p)["attn_mask"])
+        txn = [tblk.norm1(t) for t in tx]
+        n = range(len(parts))
+        fns = {
+            "ours:embed": lambda: model.embed(batch),
+            "timm:embed": lambda: [_timm_embeds(peer, p) for p in parts],
+            "ours:block0.norm1": lambda: blk.norm1(x),
+            "timm:block0.norm1": lambda: [tblk.norm1(t) for t in tx],
+            "ours:block0.qkv": lambda: blk.attn.qkv(xn),
+            "timm:block0.qkv": lambda: [tblk.attn.qkv(t) for t in txn],
+            "ours:block0.attn_module": lambda: blk.attn(xn, ctx),
+            "timm:block0.attn_module": lambda: [tblk.attn(txn[i], attn_mask=masks[i]) for i in n],
+            "ours:block0.proj": lambda: blk.attn.proj(xn),  # proj's input has the shape of its output
+            "timm:block0.proj": lambda: [tblk.attn.proj(t) for t in txn],
+            "ours:block0.mlp": lambda: blk.mlp(xn),
+            "timm:block0.mlp": lambda: [tblk.mlp(t) for t in txn],
+            "ours:blocks": lambda: _run_ours_blocks(model.blocks, x, ctx),
+            "timm:blocks": lambda: [_run_timm_blocks(peer.blocks, tx[i], masks[i]) for i in n],
+            "ours:head": lambda: model.forward_head(model.norm(x), batch),
+            "timm:head": lambda: [peer.forward_head(peer.norm(tx[i]), pre_logits=True, patch_valid=parts[i].inputs["patch_valid"]) for i in n],
+        }
+        # The short stages (milliseconds) get more rounds than the whole-blocks pair, whose
+        # rounds cost as much as a forward.
+        whole = {k: fns.pop(k) for k in ("ours:blocks", "timm:blocks")}
+        timings = time_interleaved(fns, warmup=2, repeats=max(BREAKDOWN_SHORT_ROUNDS, repeats), device=device)
+        timings |= time_interleaved(whole, warmup=warmup, repeats=repeats, device=device)
+        ms = {}
+        for who in ("ours", "timm"):
+            m = {name.split(":", 1)[1]: 1e3 * t.median_s for name, t in timings.items() if name.startswith(who + ":")}
+            m["block0.attention"] = m.pop("block0.attn_module") - m["block0.qkv"] - m["block0.proj"]
+            ms[who] = {stage: m[stage] for stage in BREAKDOWN_STAGES}
+        ours_out = batch.flat(blk(x, ctx)).index_select(0, batch.patch_slots)
+        order = torch.cat([torch.arange(lay.token_offsets[i], lay.token_offsets[i + 1]) for p in parts for i in p.images])
+        timm_out = torch.cat([tblk(tx[i], attn_mask=masks[i]).reshape(-1, x.shape[-1]).index_select(0, parts[i].real_index) for i in n])
+        block0_diff = float((ours_out.index_select(0, order.to(ours_out.device)) - timm_out).abs().max())
+    return {
+        "peer_batching": "timm_bucketed", "ms": ms,
+        "timm_vs_ours": {stage: ms["timm"][stage] / ms["ours"][stage] for stage in BREAKDOWN_STAGES},
+        "slots": {"ours": lay.num_sequences * lay.seq_len, "timm": sum(p.inputs["patch_valid"].numel() for p in parts),
+                  "real_tokens": sum(lay.num_kept)},
+        "block0_output_max_abs_diff": block0_diff,
+        "note": "eval, no_grad, same weights, timm's blocks on our embedded tokens in its rows; ms = median wall "
+                "per stage over the whole batch; ratio > 1: timm's stage takes longer. block0.attention = "
+                "attention module call - qkv - proj.",
+    }
+
+
 def timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats, device) -> dict:
     """Ours (packed) vs timm NaFlexVit (row-padded and bucketed) at a fixed and at sampled
     per-image budgets, eval and train, timed round-robin in this run."""
@@ -539,6 +638,9 @@ def timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats
                  **{k: sum(p.inputs["patch_valid"].numel() for p in v) for k, v in batchings.items()}}
         if budget == "fixed":
             result["equivalence"] = timm_equivalence(args.model, overrides, model, peer, batch, batchings, device)
+            model.eval(), peer.eval()
+            log(f"\ntimm peer, fixed budgets: stage breakdown (eval), {warmup} warmup + {repeats} timed rounds")
+            result["breakdown"] = stage_breakdown(model, peer, batch, batchings["timm_bucketed"], warmup, repeats, device)
         for mode in ("eval", "train"):
             model.train(mode == "train")
             peer.train(mode == "train")
