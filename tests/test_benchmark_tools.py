@@ -197,8 +197,6 @@ def test_benchmark_backbone_reports_timm_naflexvit_rows_and_targets(backbone_rep
     for stage in tool.BREAKDOWN_STAGES:
         ours, timm = breakdown["ms"]["ours"][stage], breakdown["ms"]["timm"][stage]
         assert breakdown["timm_vs_ours"][stage] == pytest.approx(timm / ours)
-        if stage != "block0.attention":  # a difference of timings: may dip below 0 at toy size
-            assert ours > 0 and timm > 0
 
 
 def test_benchmark_backbone_only_timm_runs_just_the_peer_rows(tmp_path):

@@ -356,28 +356,30 @@ class NaFlexRows(NamedTuple):
     grids: list[tuple[int, int]]
     inputs: dict  # patches [B, L, C*P*P], patch_coord [B, L, 2] (y, x), patch_valid [B, L]
     real_index: torch.Tensor  # flat [B * L] index of every real patch token, row-major
+    token_index: torch.Tensor  # the same tokens' index in our image-major [T] token order
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Image-major [T, C] values of our packed batch (one per real token) laid out in these
+        rows: [B, L, C], zeros at padding."""
+        B, L = self.inputs["patch_valid"].shape
+        picked = values.index_select(0, self.token_index)
+        return picked.new_zeros(B * L, values.shape[-1]).index_copy(0, self.real_index, picked).view(B, L, -1)
 
 
 def naflex_rows(batch, images: list[int], length: int) -> NaFlexRows:
     """Images of our packed batch in timm's format: one image per row, its patches (the very
     vectors we pack) and (row, col) coordinates in row-major order, padded to ``length``."""
-    lay = batch.layout
-    patches = batch.flat(batch.patches).index_select(0, batch.patch_slots)  # image-major, row-major
-    coords = batch.flat(batch.positions).index_select(0, batch.patch_slots)
-    out = {
-        "patches": patches.new_zeros(len(images), length, patches.shape[-1]),
-        "patch_coord": coords.new_zeros(len(images), length, 2),
-        "patch_valid": torch.zeros(len(images), length, dtype=torch.bool, device=patches.device),
-    }
-    real = []
-    for row, i in enumerate(images):
-        lo, hi = lay.token_offsets[i], lay.token_offsets[i + 1]
-        out["patches"][row, : hi - lo] = patches[lo:hi]
-        out["patch_coord"][row, : hi - lo] = coords[lo:hi]
-        out["patch_valid"][row, : hi - lo] = True
-        real.append(torch.arange(row * length, row * length + hi - lo))
-    real_index = torch.cat(real).to(patches.device)
-    return NaFlexRows(list(images), [lay.grids[i] for i in images], out, real_index)
+    lay, device = batch.layout, batch.device
+    offsets = lay.token_offsets
+    token_index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in images]).to(device)
+    real_index = torch.cat([torch.arange(r * length, r * length + offsets[i + 1] - offsets[i])
+                            for r, i in enumerate(images)]).to(device)  # fmt: skip
+    rows = NaFlexRows(list(images), [lay.grids[i] for i in images],
+                      {"patch_valid": torch.zeros(len(images), length, dtype=torch.bool, device=device)}, real_index, token_index)  # fmt: skip
+    rows.inputs["patch_valid"].view(-1)[real_index] = True
+    rows.inputs["patches"] = rows.rows(batch.flat(batch.patches).index_select(0, batch.patch_slots))  # image-major, row-major
+    rows.inputs["patch_coord"] = rows.rows(batch.flat(batch.positions).index_select(0, batch.patch_slots))
+    return rows
 
 
 def timm_batchings(batch, buckets) -> dict[str, list[NaFlexRows]]:
@@ -527,18 +529,16 @@ def stage_breakdown(model, peer, batch, parts: list[NaFlexRows], warmup: int, re
     its layout copies), all blocks, and the final norm plus pooling. Every block stage of timm
     runs on OUR embedded tokens laid out in its rows, and the first block's outputs are compared
     on the real tokens: both sides time the same work."""
+    if model.rope is not None or model.local_convs is not None:  # the block stages call the blocks alone
+        raise ValueError("stage_breakdown times blocks without RoPE or local convs: use a model without them")
     lay, blk, tblk = batch.layout, model.blocks[0], peer.blocks[0]
     with torch.no_grad():
         ctx = AttentionContext(batch, model.cfg.attn_kernel)
         x = model.embed(batch)
         xn = blk.norm1(x)
-        tokens = batch.flat(x).index_select(0, batch.patch_slots)  # image-major, as NaFlexRows.real_index
-        tx, masks = [], []
-        for p in parts:
-            rows = torch.cat([tokens[lay.token_offsets[i] : lay.token_offsets[i + 1]] for i in p.images])
-            B, L = p.inputs["patch_valid"].shape
-            tx.append(tokens.new_zeros(B * L, tokens.shape[-1]).index_copy(0, p.real_index, rows).view(B, L, -1))
-            masks.append(_timm_embeds(peer, p)["attn_mask"])
+        tokens = batch.flat(x).index_select(0, batch.patch_slots)  # image-major
+        tx = [p.rows(tokens) for p in parts]
+        masks = [_timm_embeds(peer, p)["attn_mask"] for p in parts]
         txn = [tblk.norm1(t) for t in tx]
         n = range(len(parts))
         fns = {
@@ -570,9 +570,9 @@ def stage_breakdown(model, peer, batch, parts: list[NaFlexRows], warmup: int, re
             m["block0.attention"] = m.pop("block0.attn_module") - m["block0.qkv"] - m["block0.proj"]
             ms[who] = {stage: m[stage] for stage in BREAKDOWN_STAGES}
         ours_out = batch.flat(blk(x, ctx)).index_select(0, batch.patch_slots)
-        order = torch.cat([torch.arange(lay.token_offsets[i], lay.token_offsets[i + 1]) for p in parts for i in p.images])
+        order = torch.cat([p.token_index for p in parts])
         timm_out = torch.cat([tblk(tx[i], attn_mask=masks[i]).reshape(-1, x.shape[-1]).index_select(0, parts[i].real_index) for i in n])
-        block0_diff = float((ours_out.index_select(0, order.to(ours_out.device)) - timm_out).abs().max())
+        block0_diff = float((ours_out.index_select(0, order) - timm_out).abs().max())
     return {
         "peer_batching": "timm_bucketed", "ms": ms,
         "timm_vs_ours": {stage: ms["timm"][stage] / ms["ours"][stage] for stage in BREAKDOWN_STAGES},
@@ -638,7 +638,8 @@ def timm_peer_benchmark(args, model, overrides, images, pack_kw, warmup, repeats
                  **{k: sum(p.inputs["patch_valid"].numel() for p in v) for k, v in batchings.items()}}
         if budget == "fixed":
             result["equivalence"] = timm_equivalence(args.model, overrides, model, peer, batch, batchings, device)
-            model.eval(), peer.eval()
+            model.eval()
+            peer.eval()
             log(f"\ntimm peer, fixed budgets: stage breakdown (eval), {warmup} warmup + {repeats} timed rounds")
             result["breakdown"] = stage_breakdown(model, peer, batch, batchings["timm_bucketed"], warmup, repeats, device)
         for mode in ("eval", "train"):
